@@ -1,0 +1,193 @@
+"""The command line: the same work as the app, headless.
+
+    python -m charrnn train --model scratch --epochs 500 --save my-model --json
+    python -m charrnn generate --checkpoint default --prefix "time traveller" --length 50
+    python -m charrnn list
+    python -m charrnn bench --rounds 3
+
+Bad input exits with status 2 and one line on stderr; a diverged run exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, make_metadata, resolve, save_checkpoint
+from .data import PREPROCESSING, SAMPLERS, CorpusError, load_corpus
+from .device import DEVICES
+from .generate import MAX_LENGTH, check_sampling, generate
+from .models import KINDS
+from .train import OPTIMIZERS, TrainConfig, Trainer, TrainingDiverged
+
+USER_ERRORS = (ValueError, CorpusError, CheckpointError)  # -> exit 2, one line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str, status: int = 2):
+    print(f"charrnn: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m charrnn", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="train a model and optionally save it")
+    t.add_argument("--corpus", default="timemachine", help="timemachine (downloaded, cached) or a path to a UTF-8 .txt")
+    t.add_argument("--preprocessing", choices=PREPROCESSING, default="seed",
+                   help="seed: lowercase letters and spaces (28 tokens); raw: every character")
+    t.add_argument("--model", choices=KINDS, default="scratch")
+    t.add_argument("--hidden", type=int, default=None, help="hidden size (default: 512 scratch, 256 otherwise)")
+    t.add_argument("--layers", type=int, default=1)
+    t.add_argument("--bidirectional", action="store_true", help="rnn/gru/lstm only; such a model cannot generate")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--num-steps", type=int, default=35)
+    t.add_argument("--lr", type=float, default=1.0)
+    t.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd")
+    t.add_argument("--epochs", type=int, default=500)
+    t.add_argument("--clip", type=float, default=1.0, help="gradient-norm threshold theta (0: off)")
+    t.add_argument("--sampling", choices=list(SAMPLERS), default="sequential")
+    t.add_argument("--max-tokens", type=int, default=10_000, help="training tokens (0: all); the next ones validate")
+    t.add_argument("--val-tokens", type=int, default=2_000)
+    t.add_argument("--device", choices=DEVICES, default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--reference", action="store_true", help="the seed's step-by-step loop instead of the fused recurrence")
+    t.add_argument("--save", metavar="PATH", help="checkpoint name (in checkpoints/) or path")
+    t.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    g.add_argument("--checkpoint", default="default", help="checkpoint name or path (default: the shipped model)")
+    g.add_argument("--prefix", default="time traveller")
+    g.add_argument("--length", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=None, help="sample instead of greedy argmax")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", choices=DEVICES, default="cpu")
+    g.add_argument("--json", action="store_true")
+
+    sub.add_parser("list", help="list the checkpoints in checkpoints/")
+
+    b = sub.add_parser("bench", help="speed and quality: fused against the seed's loop (and the d2l peer)")
+    b.add_argument("--models", default="scratch,rnn", help="comma-separated model kinds")
+    b.add_argument("--epochs", type=int, default=20)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--peer", default=None, help="path to the d2l_baseline.py harness, to run it alongside")
+    b.add_argument("--json", action="store_true")
+    return p
+
+
+def cmd_train(args) -> None:
+    config = TrainConfig(
+        model=args.model, hidden_size=args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
+        batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, epochs=args.epochs, clip=args.clip,
+        sampling=args.sampling, max_tokens=args.max_tokens, optimizer=args.optimizer, seed=args.seed,
+        device=args.device, fused=not args.reference)
+    save_path = resolve(args.save) if args.save else None
+    corpus = load_corpus(args.corpus, args.preprocessing, config.max_tokens, args.val_tokens)
+    trainer = Trainer(config, corpus)
+    command = "python -m charrnn " + shlex.join(sys.argv[1:])
+    bar = tqdm(total=config.epochs, unit="epoch", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
+    t0, status, last = time.perf_counter(), 0, None
+    try:
+        for stats in trainer.run():
+            if stats.epoch == 0:
+                continue
+            last = stats
+            bar.update(1)
+            bar.set_postfix(ppl=f"{stats.train_ppl:.3f}", val=f"{stats.val_ppl or float('nan'):.2f}",
+                            tok_s=f"{stats.tokens_per_s:,.0f}")
+            if stats.sample is not None and not args.json:
+                tqdm.write(f"epoch {stats.epoch:>5}  ppl {stats.train_ppl:7.3f}  {stats.sample!r}")
+    except TrainingDiverged as e:
+        bar.close()
+        print(f"charrnn: {e}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"charrnn: stopped after epoch {trainer.epoch}.", file=sys.stderr)
+        status = 130
+    bar.close()
+    wall = time.perf_counter() - t0
+    saved = None
+    if save_path is not None and trainer.epoch > 0:
+        saved = save_checkpoint(save_path, trainer.model, make_metadata(trainer, command=command))
+        print(f"charrnn: saved {saved} (epoch {trainer.epoch}).", file=sys.stderr)
+    result = {
+        "model": config.model, "hidden": config.hidden_size, "layers": config.num_layers,
+        "epochs": trainer.epoch, "sampling": config.sampling, "device": str(trainer.device),
+        "perplexity": round(last.train_ppl, 4) if last else None,
+        "val_perplexity": round(last.val_ppl, 4) if last and last.val_ppl else None,
+        "tokens_per_s": round(trainer.tokens_per_s), "wall_s": round(wall, 2),
+        "sample": trainer.sample(), "fused": config.fused, "lr": config.lr, "seed": config.seed,
+        "checkpoint": str(saved) if saved else None,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']}, validation {result['val_perplexity']}, "
+              f"{result['tokens_per_s']:,} tokens/s on {result['device']}, {wall:.1f} s")
+        print(result["sample"])
+    if status:
+        sys.exit(status)
+
+
+def cmd_generate(args) -> None:
+    length = args.length
+    if length > MAX_LENGTH:
+        print(f"charrnn: length capped at {MAX_LENGTH} characters.", file=sys.stderr)
+        length = MAX_LENGTH
+    check_sampling(length, args.temperature, args.top_k)
+    from .device import resolve_device
+    loaded = load_checkpoint(resolve(args.checkpoint), device=resolve_device(args.device))
+    out = generate(loaded.model, loaded.vocab, args.prefix, length, preprocessing=loaded.preprocessing,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    if out.unknown:
+        print(f"charrnn: not in the vocabulary, read as <unk>: {''.join(out.unknown)!r}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"prefix": out.prefix, "text": out.text, "continuation": out.continuation,
+                          "unknown": out.unknown, "next": out.next_probs}))
+    else:
+        print(out.text)
+
+
+def cmd_list(args) -> None:
+    entries = list_checkpoints()
+    if not entries:
+        print("no checkpoints")
+    for e in entries:
+        if "error" in e:
+            print(f"{e['name']:<24} unreadable: {e['error']}")
+        else:
+            ppl = f"{e['perplexity']:.3f}" if e["perplexity"] else "-"
+            print(f"{e['name']:<24} {e['model']:<8} hidden {e['hidden']:<5} epochs {e['epochs']:<6} "
+                  f"ppl {ppl:<8} corpus {e['corpus']}")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            cmd_train(args)
+        elif args.command == "generate":
+            cmd_generate(args)
+        elif args.command == "list":
+            cmd_list(args)
+        elif args.command == "bench":
+            from .bench import main as bench_main
+            bench_main(args)
+    except USER_ERRORS as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Checkpoints: one .safetensors file per model, weights plus JSON metadata in its header.
+
+The metadata says everything needed to use and reproduce the model: its config, the vocabulary
+(index -> token), the preprocessing, the corpus (name, SHA-1), the training settings and the
+command, the final metrics and the per-epoch history. Files are written to a temporary file and
+renamed, so a crash mid-save leaves the previous file whole. Nothing is ever unpickled.
+
+    python -m charrnn list                    # the checkpoints in checkpoints/
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import __version__
+from .data import Vocab
+from .models import ModelConfig, build_model
+
+FORMAT, FORMAT_VERSION = "charrnn-checkpoint", 1
+SUFFIX = ".safetensors"
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # CHARRNN_CHECKPOINTS overrides
+DEFAULT_NAME = "default"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or written; the message is one sentence for the user."""
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    vocab: Vocab
+    meta: dict
+    path: Path
+
+    @property
+    def preprocessing(self) -> str:
+        return self.meta.get("preprocessing", "seed")
+
+
+def checkpoint_dir() -> Path:
+    return Path(os.environ.get("CHARRNN_CHECKPOINTS", CHECKPOINT_DIR))
+
+
+def path_for_name(name: str, folder: Path | None = None) -> Path:
+    """checkpoints/NAME.safetensors for a plain name; names that could leave the folder are refused."""
+    name = name.strip()
+    if name.endswith(SUFFIX):
+        name = name[:-len(SUFFIX)]
+    if not _NAME.match(name) or ".." in name:
+        raise CheckpointError(f"{name!r} is not a usable checkpoint name: use up to 64 letters, digits, "
+                              f"'-', '_' or '.', starting with a letter or digit.")
+    return (folder or checkpoint_dir()) / (name + SUFFIX)
+
+
+def resolve(name_or_path: str) -> Path:
+    """A CLI argument: a path (it has a '/' or the suffix) or a name in the checkpoints folder."""
+    if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(SUFFIX):
+        return Path(name_or_path)
+    return path_for_name(name_or_path)
+
+
+def make_metadata(trainer, command: str | None = None, settings: dict | None = None) -> dict:
+    """The JSON metadata of a trained model, from a charrnn.train.Trainer."""
+    corpus, h = trainer.corpus, trainer.history
+    trained = [s for s in h if s.epoch > 0]
+    last = trained[-1] if trained else None
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "charrnn_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": asdict(trainer.model.config),
+        "vocab": corpus.vocab.idx_to_token,
+        "preprocessing": corpus.preprocessing,
+        "corpus": {"name": corpus.name, "sha1": corpus.sha1, "train_tokens": len(corpus.train),
+                   "val_tokens": 0 if corpus.val is None else len(corpus.val)},
+        "train": asdict(trainer.config) | {"device": str(trainer.device)},
+        "command": command, "settings": settings,
+        "metrics": {"epochs": trainer.epoch,
+                    "perplexity": last.train_ppl if last else None,
+                    "val_perplexity": last.val_ppl if last else (h[0].val_ppl if h else None),
+                    "tokens_per_s": trainer.tokens_per_s or None},
+        "history": {"epoch": [s.epoch for s in trained], "train_ppl": [s.train_ppl for s in trained],
+                    "val_ppl": [s.val_ppl for s in trained]},
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -> Path:
+    """Write weights + metadata atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    if path.suffix != SUFFIX:
+        path = path.with_name(path.name + SUFFIX)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = safetensors.torch.save(tensors, metadata={"charrnn": json.dumps(metadata)})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"Cannot write a checkpoint in {path.parent} ({e.strerror}).") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"Cannot write {path} ({e.strerror}).") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The charrnn metadata of a checkpoint file, checked; CheckpointError with one sentence if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint at {path}.")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception:  # safetensors raises several types for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable checkpoint (empty, truncated or another format).") from None
+    try:
+        meta = json.loads(header["charrnn"])
+        assert meta.get("format") == FORMAT
+    except Exception:
+        raise CheckpointError(f"{path} is a safetensors file but not a charrnn checkpoint.") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')}; this charrnn "
+                              f"reads format {FORMAT_VERSION}.")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu") -> Loaded:
+    """The model (in eval mode, on `device`), its vocabulary and metadata."""
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        config = ModelConfig(**meta["model"])
+        vocab = Vocab(idx_to_token=meta["vocab"])
+        if len(vocab) != config.vocab_size:
+            raise ValueError("vocabulary size")
+        tensors = safetensors.torch.load_file(str(path))
+        model = build_model(config)
+        model.load_state_dict(tensors, strict=True)
+    except Exception:
+        raise CheckpointError(f"{path} is damaged: its weights do not match its model description.") from None
+    return Loaded(model=model.to(device).eval(), vocab=vocab, meta=meta, path=path)
+
+
+def list_checkpoints(folder: Path | None = None) -> list[dict]:
+    """Every *.safetensors in the folder with a short summary; unreadable ones carry an `error`."""
+    folder = folder or checkpoint_dir()
+    found = []
+    for path in sorted(folder.glob("*" + SUFFIX)):
+        entry = {"name": path.stem, "path": str(path)}
+        try:
+            meta = read_metadata(path)
+            m, metrics = meta["model"], meta.get("metrics", {})
+            entry |= {"model": m["kind"], "hidden": m["hidden_size"], "layers": m["num_layers"],
+                      "epochs": metrics.get("epochs"), "perplexity": metrics.get("perplexity"),
+                      "val_perplexity": metrics.get("val_perplexity"), "corpus": meta["corpus"]["name"],
+                      "created": meta.get("created")}
+        except CheckpointError as e:
+            entry["error"] = str(e)
+        found.append(entry)
+    return found

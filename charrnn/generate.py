@@ -1,0 +1,114 @@
+"""Text from a trained model: the seed's `predict` (warm up on a prefix, then greedy argmax),
+plus sampling with a temperature and top-k, repeatable with a seed.
+
+    python -m charrnn generate --checkpoint checkpoints/default.safetensors --prefix "time traveller" --length 50
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import Vocab, normalize_prefix
+
+MAX_LENGTH = 10_000  # characters per call; longer requests are refused by the core, capped by the CLI/app
+
+
+@dataclass
+class Generation:
+    prefix: str                     # as typed
+    seen_prefix: str                # as the model saw it: seed preprocessing lowercases, unknowns -> <unk>
+    continuation: str               # the generated characters
+    unknown: list[str] = field(default_factory=list)  # prefix characters missing from the vocabulary
+    next_probs: list[tuple[str, float]] = field(default_factory=list)  # top guesses after the prefix
+
+    @property
+    def text(self) -> str:
+        """What the seed's predict returns: the prefix (through the vocabulary) and the continuation."""
+        return self.seen_prefix + self.continuation
+
+
+def check_sampling(length: int, temperature: float | None, top_k: int | None) -> None:
+    if length < 0:
+        raise ValueError(f"Length must be 0 or more, not {length}.")
+    if length > MAX_LENGTH:
+        raise ValueError(f"Length is capped at {MAX_LENGTH} characters, not {length}.")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"Temperature must be above 0, not {temperature} (leave it out for greedy).")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"Top-k must be at least 1, not {top_k}.")
+
+
+def generate(model, vocab: Vocab, prefix: str, length: int, device=None, preprocessing: str = "seed",
+             temperature: float | None = None, top_k: int | None = None, seed: int | None = None,
+             top_n: int = 10) -> Generation:
+    """Warm the state up on `prefix`, then emit `length` characters.
+
+    Greedy argmax (the seed) when neither temperature nor top_k is given; otherwise sample from
+    softmax(logits / temperature), restricted to the top_k most likely characters.
+    """
+    check_sampling(length, temperature, top_k)
+    if not prefix:
+        raise ValueError("The prefix is empty: type at least one character to start from.")
+    if not model.config.can_generate:
+        raise ValueError("This model is bidirectional: it saw the future while training, so it "
+                         "cannot generate text honestly.")
+    if device is None:
+        device = next(model.parameters()).device
+    # One character at a time is latency-bound: on a CPU, one thread is several times faster than
+    # two fighting over tiny matmuls. torch's thread count is per calling thread, so this does not
+    # slow a training job running in another thread.
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _generate(model, vocab, prefix, length, device, preprocessing, temperature, top_k,
+                             seed, top_n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(model, vocab, prefix, length, device, preprocessing, temperature, top_k, seed, top_n):
+    chars = normalize_prefix(prefix, preprocessing)
+    unknown = sorted({c for c in chars if c not in vocab})
+    ids = vocab.encode(chars)
+    was_training = model.training
+    model.eval()
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+    state = model.begin_state(1, device)
+    # warm-up: the whole prefix in one call; the seed feeds it a character at a time, same state
+    Y, state = model(torch.tensor([ids], device=device), state)         # Y: (len(prefix), vocab)
+    logits = Y[-1]
+    probs = F.softmax(logits.float(), dim=-1).cpu()
+    top = torch.topk(probs, min(top_n, len(vocab)))
+    next_probs = [(vocab.idx_to_token[i], float(p)) for p, i in zip(top.values, top.indices)]
+    out = []
+    X = torch.empty((1, 1), dtype=torch.long, device=device)
+    for _ in range(length):
+        y = _pick(logits, temperature, top_k, gen)
+        out.append(y)
+        X.fill_(y)
+        Y, state = model(X, state)                                       # Y: (1, vocab)
+        logits = Y[-1]
+    model.train(was_training)
+    return Generation(prefix=prefix, seen_prefix=vocab.decode(ids), continuation=vocab.decode(out),
+                      unknown=unknown, next_probs=next_probs)
+
+
+def _pick(logits: torch.Tensor, temperature, top_k, gen) -> int:
+    if temperature is None and top_k is None:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / (temperature or 1.0)
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen))
+
+
+def predict(prefix: str, num_preds: int, model, vocab: Vocab, device=None, **kwargs) -> str:
+    """The seed's predict_ch8: prefix and `num_preds` greedy characters, as one string."""
+    return generate(model, vocab, prefix, num_preds, device=device, **kwargs).text

@@ -1,0 +1,226 @@
+"""Training: the seed's train_ch8 as a stream of per-epoch metrics.
+
+    trainer = Trainer(TrainConfig(model="scratch", epochs=500), corpus)
+    for stats in trainer.run(stop_event):      # EpochStats per epoch; epoch 0 = the untrained model
+        print(stats.epoch, stats.train_ppl)
+
+The loop never prints or plots; the CLI's progress bar and the app's charts subscribe to it.
+"""
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .data import SAMPLERS, Corpus, check_batchable
+from .device import resolve_device
+from .generate import generate
+from .models import DEFAULT_HIDDEN, ModelConfig, build_model, detach_state
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+MAX_EPOCHS = 100_000
+MAX_LOSS = 100.0  # mean cross-entropy above this (perplexity e^100) counts as diverged
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the model holds the weights of the last good epoch."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run, with the seed's defaults. `hidden_size=None`: the seed's size
+    for the model (512 scratch, 256 concise)."""
+    model: str = "scratch"
+    hidden_size: int | None = None
+    num_layers: int = 1
+    bidirectional: bool = False
+    batch_size: int = 32
+    num_steps: int = 35
+    lr: float = 1.0
+    epochs: int = 500
+    clip: float = 1.0          # gradient-norm threshold theta; 0 turns clipping off
+    sampling: str = "sequential"
+    max_tokens: int = 10_000
+    optimizer: str = "sgd"
+    seed: int = 0
+    device: str = "auto"
+    fused: bool = True         # the fused recurrence (same math as the seed's loop, faster)
+    sample_every: int = 10
+    sample_prefix: str = "time traveller"
+
+    def __post_init__(self):
+        if self.hidden_size is None:
+            object.__setattr__(self, "hidden_size", DEFAULT_HIDDEN.get(self.model, 256))
+        checks = [
+            (1 <= self.epochs <= MAX_EPOCHS, f"Epochs must be between 1 and {MAX_EPOCHS}, not {self.epochs}."),
+            (self.batch_size >= 1, f"Batch size must be at least 1, not {self.batch_size}."),
+            (self.num_steps >= 1, f"Steps must be at least 1, not {self.num_steps}."),
+            (math.isfinite(self.lr) and self.lr > 0, f"Learning rate must be a positive number, not {self.lr}."),
+            (math.isfinite(self.clip) and self.clip >= 0, f"Clipping threshold must be 0 (off) or more, not {self.clip}."),
+            (self.sampling in SAMPLERS, f"Sampling must be random or sequential, not {self.sampling!r}."),
+            (self.optimizer in OPTIMIZERS, f"Optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}."),
+            (self.sample_every >= 1, "Samples must come at least every epoch (sample_every >= 1)."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(kind=self.model, vocab_size=vocab_size, hidden_size=self.hidden_size,
+                           num_layers=self.num_layers, bidirectional=self.bidirectional)
+
+
+@dataclass
+class EpochStats:
+    epoch: int                       # 0: the untrained model, before any update
+    train_ppl: float | None          # exp(mean training loss over the epoch)
+    val_ppl: float | None            # on the held-out tokens after the training slice
+    tokens_per_s: float | None       # training tokens / time in the training loop of this epoch
+    grad_norm: float | None          # mean global gradient norm before clipping
+    grad_norm_max: float | None
+    clipped: float | None            # fraction of minibatches whose gradient was clipped
+    elapsed_s: float                 # since the run started
+    sample: str | None = None        # 50 characters after sample_prefix, every sample_every epochs
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def clip_gradients(parameters, theta: float) -> torch.Tensor:
+    """The seed's grad_clipping: g <- g * theta / ||g|| when the global norm ||g|| exceeds theta.
+
+    Returns the norm before clipping. Runs without a host sync (the scale is min(1, theta/||g||)
+    as a tensor), so the GPU is never stalled. theta = 0 measures without clipping.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    if theta > 0:
+        scale = (theta / norm).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, batch_size: int, device) -> float | None:
+    """exp(mean cross-entropy) of next-token prediction over `tokens`, read as `batch_size`
+    rows from a zero state. None when there are too few tokens."""
+    rows = max(1, min(batch_size, (len(tokens) - 1) // 2))
+    n = (len(tokens) - 1) // rows * rows
+    if n == 0:
+        return None
+    X = tokens[:n].reshape(rows, -1).to(device)          # (rows, L)
+    Y = tokens[1:n + 1].reshape(rows, -1).to(device)     # (rows, L)
+    was_training = model.training
+    model.eval()
+    Y_hat, _ = model(X, model.begin_state(rows, device))  # (L*rows, vocab)
+    model.train(was_training)
+    return math.exp(F.cross_entropy(Y_hat.float(), Y.T.reshape(-1)).item())
+
+
+class Trainer:
+    """One training run: the model, its optimizer and the seed's epoch loop."""
+
+    def __init__(self, config: TrainConfig, corpus: Corpus, model=None):
+        check_batchable(len(corpus.train), config.batch_size, config.num_steps)
+        self.config, self.corpus = config, corpus
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self.model = model or build_model(config.model_config(len(corpus.vocab)), fused=config.fused)
+        self.model.to(self.device)
+        self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
+        self.rng = random.Random(config.seed)     # the iterators' offsets and shuffles
+        self.epoch = 0                            # full epochs trained
+        self.train_tokens, self.train_seconds = 0, 0.0
+        self.history: list[EpochStats] = []
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
+
+    def sample(self) -> str | None:
+        if not self.model.config.can_generate:
+            return None
+        return generate(self.model, self.corpus.vocab, self.config.sample_prefix, 50,
+                        device=self.device, preprocessing=self.corpus.preprocessing).text
+
+    def val_perplexity(self) -> float | None:
+        if self.corpus.val is None:
+            return None
+        return perplexity(self.model, self.corpus.val, self.config.batch_size, self.device)
+
+    def train_epoch(self, stop: threading.Event | None = None):
+        """One pass over the training tokens; returns (loss_sum, tokens, grad norms) or None if stopped.
+
+        State rules of the seed: random sampling starts every minibatch from a zero state;
+        sequential partitioning carries the state on, detached so gradients stop at the boundary.
+        """
+        cfg, model = self.config, self.model
+        batches = SAMPLERS[cfg.sampling](self.corpus.train, cfg.batch_size, cfg.num_steps, self.rng)
+        state, loss_sum, tokens, norms = None, torch.zeros((), device=self.device), 0, []
+        for X, Y in batches:                          # X, Y: (batch, steps)
+            if stop is not None and stop.is_set():
+                return None
+            if state is None or cfg.sampling == "random":
+                state = model.begin_state(X.shape[0], self.device)
+            else:
+                state = detach_state(state)
+            X, Y = X.to(self.device), Y.to(self.device)
+            y = Y.T.reshape(-1)                       # (steps*batch,), step-major like Y_hat
+            y_hat, state = model(X, state)            # (steps*batch, vocab)
+            loss = F.cross_entropy(y_hat, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norms.append(clip_gradients(model.parameters(), cfg.clip))
+            self.optimizer.step()
+            loss_sum += loss.detach() * y.numel()
+            tokens += y.numel()
+        return loss_sum.item(), tokens, torch.stack(norms)
+
+    def run(self, stop: threading.Event | None = None) -> Iterator[EpochStats]:
+        """Train `config.epochs` epochs (more if called again), yielding EpochStats for each.
+
+        Yields epoch 0 (the untrained model) on a fresh trainer. Returns early, without an event,
+        when `stop` is set; raises TrainingDiverged (weights restored to the last good epoch)
+        when the loss stops being finite.
+        """
+        cfg, t_start = self.config, time.perf_counter()
+        if self.epoch == 0:
+            stats = EpochStats(0, None, self.val_perplexity(), None, None, None, None, 0.0, self.sample())
+            self.history.append(stats)
+            yield stats
+        last_epoch = self.epoch + cfg.epochs
+        while self.epoch < last_epoch:
+            good = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            t0 = time.perf_counter()
+            result = self.train_epoch(stop)
+            if result is None:
+                return
+            loss_sum, tokens, norms = result
+            seconds = time.perf_counter() - t0
+            self.epoch += 1
+            mean_loss = loss_sum / tokens
+            if not (mean_loss < MAX_LOSS and bool(torch.isfinite(norms).all())):  # NaN fails `<` too
+                self.model.load_state_dict(good)
+                self.epoch -= 1
+                raise TrainingDiverged(
+                    f"Training diverged in epoch {self.epoch + 1} (the loss became NaN or exploded); "
+                    f"the model keeps the weights of epoch {self.epoch}. Try a lower learning rate "
+                    f"than {cfg.lr:g} or a clipping threshold.")
+            self.train_tokens += tokens
+            self.train_seconds += seconds
+            norms = norms.float()
+            stats = EpochStats(
+                epoch=self.epoch, train_ppl=math.exp(mean_loss), val_ppl=self.val_perplexity(),
+                tokens_per_s=tokens / seconds, grad_norm=float(norms.mean()), grad_norm_max=float(norms.max()),
+                clipped=float((norms > cfg.clip).float().mean()) if cfg.clip > 0 else 0.0,
+                elapsed_s=time.perf_counter() - t_start,
+                sample=self.sample() if self.epoch % cfg.sample_every == 0 or self.epoch == last_epoch else None)
+            self.history.append(stats)
+            yield stats

@@ -1,0 +1,87 @@
+"""The command line as other tools use it: flags, the --json keys, exit status 2 on bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+JSON_KEYS = {"model", "hidden", "epochs", "sampling", "device", "perplexity", "val_perplexity",
+             "tokens_per_s", "wall_s", "sample"}
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "charrnn", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=(os.environ | (env or {})))
+
+
+def test_train_json_save_and_generate(ckpt_dir):
+    r = cli("train", "--model", "gru", "--hidden", "32", "--epochs", "2", "--save", "cli-test", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert JSON_KEYS <= set(result)
+    assert result["model"] == "gru" and result["hidden"] == 32 and result["epochs"] == 2
+    assert result["device"] == "cpu" and result["sample"].startswith("time traveller")
+    assert 1 < result["perplexity"] < 30 and result["tokens_per_s"] > 0
+    assert (ckpt_dir / "cli-test.safetensors").is_file()
+    assert "epoch" in r.stderr                      # the progress bar
+    g = cli("generate", "--checkpoint", "cli-test", "--prefix", "time traveller", "--length", "20", "--json")
+    assert g.returncode == 0, g.stderr
+    out = json.loads(g.stdout)
+    assert out["text"].startswith("time traveller") and len(out["continuation"]) >= 20
+    lst = cli("list")
+    assert "cli-test" in lst.stdout and "gru" in lst.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "--epochs", "-1"), "Epochs"),
+    (("train", "--epochs", "0"), "Epochs"),
+    (("train", "--hidden", "0"), "Hidden size"),
+    (("train", "--batch-size", "0"), "Batch size"),
+    (("train", "--model", "transformer"), "invalid choice"),
+    (("train", "--corpus", "/nonexistent/book.txt"), "No text file"),
+    (("train", "--device", "cuda"), "not available"),
+    (("train", "--lr", "abc"), "invalid float"),
+    (("generate", "--checkpoint", "/nonexistent/model.safetensors"), "No checkpoint"),
+    (("generate", "--checkpoint", "../x"), "No checkpoint"),
+    (("generate", "--checkpoint", "bad name"), "not a usable checkpoint name"),
+    (("generate", "--length", "-5"), "0 or more"),
+    (("generate", "--temperature", "0"), "above 0"),
+    (("generate", "--prefix", ""), "prefix is empty"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    r = cli(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(os.urandom(100))
+    r = cli("generate", "--checkpoint", str(bad))
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_offline_without_a_copy(tmp_path):
+    """No CHARRNN_DATA, an empty cache and no network: one sentence that says what to do."""
+    env = {"CHARRNN_DATA": "", "CHARRNN_OFFLINE": "1", "CHARRNN_CACHE": str(tmp_path)}
+    r = cli("train", "--epochs", "1", env=env)
+    assert r.returncode == 2 and "set CHARRNN_DATA" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_enormous_length_is_capped(tmp_path):
+    r = cli("generate", "--length", "1000000", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "capped at 10000" in r.stderr
+    assert len(json.loads(r.stdout)["continuation"]) >= 10000
+
+
+def test_divergence_exits_1_and_keeps_the_last_good_model(ckpt_dir):
+    r = cli("train", "--model", "rnn", "--hidden", "16", "--lr", "1e30", "--clip", "0", "--epochs", "20",
+            "--save", "diverged", "--json")
+    assert r.returncode == 1 and "diverged" in r.stderr
+    assert "Traceback" not in r.stderr
