@@ -1,0 +1,202 @@
+"""Training jobs in background threads, for the app (or anything that must not block).
+
+    registry = JobRegistry()
+    job = registry.start(TrainConfig(epochs=50), corpus)   # refused with JobBusy while one runs
+    snap = job.snapshot()                                  # plain data: status, columns, samples
+    job.stop()                                             # returns within a second
+    job.save("my-model")                                   # checkpoints/my-model.safetensors
+
+The worker thread only appends numbers and strings under a lock and checks a threading.Event
+between minibatches; it never touches the UI. Its exceptions are caught and kept as one sentence.
+History is kept as float arrays (8 bytes per value), so memory stays small however long a job runs.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from array import array
+from dataclasses import dataclass, field
+
+from .checkpoint import make_metadata, path_for_name, save_checkpoint
+from .data import Corpus
+from .train import EpochStats, TrainConfig, Trainer, TrainingDiverged
+
+COLUMNS = ("epoch", "train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "grad_norm_max", "clipped", "elapsed_s")
+NAN = float("nan")
+
+
+class JobBusy(RuntimeError):
+    """A job is already running; the message says which."""
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy of a job's state, safe to use from any thread."""
+    id: str
+    label: str
+    status: str                    # running | finished | stopped | failed
+    error: str | None
+    epochs: int                    # asked for
+    epoch: int                     # full epochs done
+    columns: dict[str, list[float]]
+    samples: list[tuple[int, str]]  # (epoch, text), oldest first
+    elapsed_s: float
+    config: TrainConfig
+    vocab_size: int
+    saved: list[str] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.epoch == 0 or not self.running:
+            return None
+        return self.elapsed_s / self.epoch * (self.epochs - self.epoch)
+
+    def last(self, column: str) -> float | None:
+        values = [v for v in self.columns[column] if v == v]  # NaN != NaN
+        return values[-1] if values else None
+
+
+class Job:
+    _ids = itertools.count(1)
+
+    def __init__(self, config: TrainConfig, corpus: Corpus, label: str | None = None,
+                 settings: dict | None = None):
+        self.trainer = Trainer(config, corpus)             # bad settings raise here, in the caller
+        self.id = f"run{next(self._ids)}"
+        self.label = label or default_label(config, self.id)
+        self.config, self.corpus, self.settings = config, corpus, settings
+        self.status, self.error = "running", None
+        self.columns = {c: array("d") for c in COLUMNS}
+        self.samples: list[tuple[int, str]] = []
+        self.saved: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._started = time.perf_counter()
+        self._ended: float | None = None
+        self._thread = threading.Thread(target=self._work, name=f"charrnn-{self.id}", daemon=True)
+
+    def start(self) -> "Job":
+        self._thread.start()
+        return self
+
+    def _record(self, stats: EpochStats) -> None:
+        with self._lock:
+            for c in COLUMNS:
+                v = getattr(stats, c)
+                self.columns[c].append(NAN if v is None else float(v))
+            if stats.sample is not None:
+                self.samples.append((stats.epoch, stats.sample))
+
+    def _work(self) -> None:
+        try:
+            for stats in self.trainer.run(self._stop):
+                self._record(stats)
+            status, error = ("stopped" if self._stop.is_set() else "finished"), None
+        except TrainingDiverged as e:
+            status, error = "failed", str(e)
+        except Exception as e:  # anything else still reaches the page as one sentence
+            status, error = "failed", f"Training stopped with an error: {type(e).__name__}: {e}"
+        with self._lock:
+            self.status, self.error, self._ended = status, error, time.perf_counter()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the worker to stop after the current minibatch and wait for it."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            end = self._ended or time.perf_counter()
+            return Snapshot(
+                id=self.id, label=self.label, status=self.status, error=self.error,
+                epochs=self.config.epochs, epoch=self.trainer.epoch,
+                columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples),
+                elapsed_s=end - self._started, config=self.config, vocab_size=len(self.corpus.vocab),
+                saved=list(self.saved))
+
+    def save(self, name: str) -> str:
+        """Save the model as checkpoints/NAME.safetensors; only once the job has ended."""
+        if self.alive:
+            raise JobBusy("Stop the run before saving it.")
+        if self.trainer.epoch == 0:
+            raise ValueError("This run has not finished an epoch yet: there is nothing to save.")
+        meta = make_metadata(self.trainer, command=self.cli_command(), settings=self.settings)
+        path = save_checkpoint(path_for_name(name), self.trainer.model, meta)
+        with self._lock:
+            self.saved.append(str(path))
+        return str(path)
+
+    def cli_command(self) -> str:
+        """The command line that trains the same model headless."""
+        c, corpus = self.config, self.corpus
+        source = "timemachine" if corpus.name == "timemachine" else corpus.name
+        return (f"python -m charrnn train --corpus {source} --preprocessing {corpus.preprocessing} "
+                f"--model {c.model} --hidden {c.hidden_size} --layers {c.num_layers}"
+                f"{' --bidirectional' if c.bidirectional else ''} --batch-size {c.batch_size} "
+                f"--num-steps {c.num_steps} --lr {c.lr:g} --optimizer {c.optimizer} --epochs {c.epochs} "
+                f"--clip {c.clip:g} --sampling {c.sampling} --max-tokens {c.max_tokens} --seed {c.seed}")
+
+
+def default_label(config: TrainConfig, job_id: str) -> str:
+    return f"{job_id} · {config.model}-{config.hidden_size} · {config.sampling}"
+
+
+class JobRegistry:
+    """Every job of the process. One runs at a time: a second start is refused, not queued."""
+
+    def __init__(self, keep: int = 20):
+        self.keep = keep
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def start(self, config: TrainConfig, corpus: Corpus, label: str | None = None,
+              settings: dict | None = None) -> Job:
+        with self._lock:
+            running = self._running()
+            if running is not None:
+                snap = running.snapshot()
+                raise JobBusy(f"A run is already training ({snap.label}, epoch {snap.epoch} of "
+                              f"{snap.epochs}); stop it first.")
+            job = Job(config, corpus, label, settings)
+            self._jobs[job.id] = job
+            ended = [j for j in self._jobs.values() if not j.alive and j is not job]
+            for old in ended[:max(0, len(self._jobs) - self.keep)]:  # forget the oldest ended runs
+                del self._jobs[old.id]
+            return job.start()
+
+    def _running(self) -> Job | None:
+        return next((j for j in self._jobs.values() if j.alive), None)
+
+    def running(self) -> Job | None:
+        with self._lock:
+            return self._running()
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None and not job.alive:
+                del self._jobs[job_id]
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        for job in self.jobs():
+            job.stop(timeout)

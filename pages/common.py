@@ -1,0 +1,99 @@
+"""Pieces the pages share: the process-wide job registry, cached corpora and checkpoints, and the
+model picker of Generate and Inspect. Streamlit code only; the work happens in charrnn."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from charrnn.checkpoint import DEFAULT_NAME, CheckpointError, checkpoint_dir, list_checkpoints, load_checkpoint
+from charrnn.data import Vocab, load_corpus
+from charrnn.jobs import JobRegistry
+from charrnn.models import ModelConfig, build_model
+
+UNTRAINED = "Untrained scratch RNN (random weights)"
+
+
+@st.cache_resource
+def registry() -> JobRegistry:
+    """One registry per server process: every tab and every refresh sees the same jobs."""
+    return JobRegistry()
+
+
+@st.cache_resource(show_spinner="Loading the corpus…", max_entries=8)
+def corpus_for(source: str, preprocessing: str, max_tokens: int, text: str | None = None):
+    """A loaded Corpus, shared by all sessions (it is only read)."""
+    return load_corpus(source, preprocessing, max_tokens, text=text)
+
+
+@st.cache_resource(max_entries=16)
+def _load(path: str, mtime: float):
+    return load_checkpoint(path)
+
+
+@dataclass
+class Picked:
+    """The model a page works with."""
+    label: str
+    model: torch.nn.Module
+    vocab: Vocab
+    preprocessing: str
+    meta: dict | None
+
+
+def _untrained() -> Picked:
+    """The seed's picture before training: a scratch RNN-512 with random weights over the 28 tokens."""
+    try:
+        vocab = _load_default_vocab()
+    except CheckpointError:
+        vocab = Vocab(list(" etaoinshrdlcumwfgypbvkxjqz"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("scratch", len(vocab), 512)).eval()
+    return Picked(UNTRAINED, model, vocab, "seed", None)
+
+
+def _load_default_vocab() -> Vocab:
+    path = checkpoint_dir() / f"{DEFAULT_NAME}.safetensors"
+    return _load(str(path), path.stat().st_mtime if path.exists() else 0.0).vocab
+
+
+def model_picker(key: str) -> Picked | None:
+    """A selectbox over saved checkpoints (the shipped default first), this session's ended runs,
+    and an untrained model. Returns the picked model, or None (with a message) if it cannot load."""
+    entries = list_checkpoints()
+    readable = [e for e in entries if "error" not in e]
+    readable.sort(key=lambda e: e["name"] != DEFAULT_NAME)
+    options: dict[str, object] = {}
+    for e in readable:
+        options[f"{e['name']} — {e['model']}-{e['hidden']}, {e['epochs']} epochs"] = e["path"]
+    for job in reversed(registry().jobs()):
+        if not job.alive and job.trainer.epoch > 0:
+            options[f"this session: {job.label} ({job.trainer.epoch} epochs)"] = job
+    options[UNTRAINED] = None
+    label = st.selectbox("Model", list(options), key=key,
+                         help="Saved checkpoints in checkpoints/, the runs trained in this app, "
+                              "or a model before any training.")
+    broken = [e for e in entries if "error" in e]
+    if broken:
+        st.caption("Skipped unreadable files: " + "; ".join(e["error"] for e in broken))
+    choice = options[label]
+    if choice is None:
+        return _untrained()
+    if isinstance(choice, str):
+        try:
+            loaded = _load(choice, Path(choice).stat().st_mtime)
+        except (CheckpointError, OSError) as e:
+            st.error(str(e))
+            return None
+        return Picked(label, loaded.model, loaded.vocab, loaded.preprocessing, loaded.meta)
+    job = choice
+    return Picked(label, job.trainer.model, job.corpus.vocab, job.corpus.preprocessing, None)
+
+
+def keep_widget_state(prefix: str) -> None:
+    """Widgets forget their values when their page is left; re-assigning keeps them (per session)."""
+    for k in list(st.session_state):
+        if isinstance(k, str) and k.startswith(prefix):
+            st.session_state[k] = st.session_state[k]

@@ -1,0 +1,5 @@
+"""Inspect: placeholder until the Inspect page lands."""
+import streamlit as st
+
+st.title("Inspect")
+st.info("Coming soon.")
