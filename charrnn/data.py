@@ -178,8 +178,12 @@ class Vocab:
 
     def label(self, idx: int) -> str:
         """A printable name for token `idx` (for tables and chart axes)."""
-        t = self.idx_to_token[idx]
-        return {" ": "␣", "\n": "⏎", "\t": "⇥"}.get(t, t)
+        return printable(self.idx_to_token[idx])
+
+
+def printable(token: str) -> str:
+    """Whitespace tokens made visible: space -> ␣, newline -> ⏎, tab -> ⇥."""
+    return {" ": "␣", "\n": "⏎", "\t": "⇥"}.get(token, token)
 
 
 # -----------------------------------------------------------------------------

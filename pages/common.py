@@ -16,6 +16,20 @@ from charrnn.models import ModelConfig, build_model
 UNTRAINED = "Untrained scratch RNN (random weights)"
 
 
+def through_router() -> None:
+    """Make sure the page runs inside app.py's st.navigation.
+
+    Streamlit sees the pages/ folder beside app.py and, until some session has run st.navigation,
+    serves a deep link such as /train as a page of its own (old-style multipage app, without
+    app.py). Each page calls this first: in that case it hands over to app.py, which then routes
+    the same URL to the same page.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 @st.cache_resource
 def registry() -> JobRegistry:
     """One registry per server process: every tab and every refresh sees the same jobs."""
@@ -72,7 +86,7 @@ def model_picker(key: str) -> Picked | None:
         if not job.alive and job.trainer.epoch > 0:
             options[f"this session: {job.label} ({job.trainer.epoch} epochs)"] = job
     options[UNTRAINED] = None
-    label = st.selectbox("Model", list(options), key=key,
+    label = st.selectbox("Model", list(options), key=key, persist_state="session",
                          help="Saved checkpoints in checkpoints/, the runs trained in this app, "
                               "or a model before any training.")
     broken = [e for e in entries if "error" in e]

@@ -1,5 +1,366 @@
-"""Inspect: placeholder until the Inspect page lands."""
+"""Inspect: the seed's tensors, shapes and hidden states, live.
+
+Widgets, tables and Plotly figures only; every number comes from charrnn.inspection.
+"""
+from __future__ import annotations
+
+import html
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
+
+from charrnn import inspection as ins
+from charrnn.checkpoint import DEFAULT_NAME, SUFFIX, CheckpointError, checkpoint_dir, read_metadata
+from charrnn.data import Vocab
+from charrnn.models import ModelConfig
+from pages.common import model_picker
+
+SEED_TEXT = ("the time traveller for so it will be convenient to speak of him was expounding "
+             "a recondite matter to us")
+KIND_LABELS = {"scratch": "scratch RNN", "rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}
+MAX_STEPS_DRAWN, MAX_BATCH_DRAWN = 6, 16   # one-hot heatmaps: a few thousand cells at most
+WINDOW = 120                               # characters per heatmap of a text
+MAX_UNITS_DRAWN = 64                       # hidden units in the heatmap, largest variance first
+MAX_PAGE_HIDDEN = 512                      # the demo model is rebuilt and run on every rerun: keep it quick
+
+
+def fmt(shape) -> str:
+    """(5, 2, 28) as the page prints shapes; () for a scalar."""
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def md(text: str) -> str:
+    """Plain text for a Markdown table cell: no emphasis from * or _ (W_xh, D*hidden)."""
+    return text.replace("*", "\\*").replace("_", "\\_")
+
+
+def show(c: str) -> str:
+    """A character as a label: space, newline and tab made visible."""
+    return {" ": "␣", "\n": "⏎", "\t": "⇥"}.get(c, c)
+
+
+def seed_vocab() -> Vocab:
+    """The 28 tokens of The Time Machine, in the default checkpoint's order, for axis labels."""
+    try:
+        return Vocab(idx_to_token=read_metadata(checkpoint_dir() / (DEFAULT_NAME + SUFFIX))["vocab"])
+    except (CheckpointError, KeyError, ValueError):
+        return Vocab(list(" etaoinshrdlcumwfgypbvkxjqz"))  # the same order, should the file be missing
+
+
+def activation_colour(a: float) -> str:
+    """Karpathy's colouring: -1 red, 0 white, +1 blue; pastel at the ends so the text stays legible."""
+    a = 0.7 * max(-1.0, min(1.0, a))
+    fade = int(255 * (1 - abs(a)))                 # the two channels that fade out
+    return f"rgb(255,{fade},{fade})" if a < 0 else f"rgb({fade},{fade},255)"
+
+
+def small_layout(fig: go.Figure, height: int) -> go.Figure:
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+# -----------------------------------------------------------------------------
 
 st.title("Inspect")
-st.info("Coming soon.")
+st.caption("The shapes the seed talks about, live: change the numbers and every shape follows.")
+
+tab_example, tab_trace, tab_concat, tab_inside, tab_ppl = st.tabs(
+    ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity"])
+
+# ---- the seed's worked example ------------------------------------------------
+with tab_example:
+    st.subheader("One-hot encoding of a (batch, steps) batch")
+    c1, c2, c3, c4, c5, c6 = st.columns([1, 1, 1.4, 1, 1, 1.3], vertical_alignment="bottom")
+    batch = c1.number_input("Batch size", 1, 64, 2, key="inspect_batch", persist_state="session")
+    steps = c2.number_input("Steps", 1, 64, 5, key="inspect_steps", persist_state="session")
+    kind = c3.selectbox("Model", list(KIND_LABELS), format_func=KIND_LABELS.get, key="inspect_kind", persist_state="session",
+                        help="scratch: the seed's RNNModelScratch with explicit W_xh, W_hh, b_h, W_hq, b_q; "
+                             "the others: the seed's concise RNNModel over a torch.nn layer.")
+    hidden = c4.number_input("Hidden size", 1, MAX_PAGE_HIDDEN, 512, key="inspect_hidden", persist_state="session")
+    layers = c5.number_input("Layers", 1, 3, 1, key="inspect_layers", persist_state="session")
+    bidirectional = c6.toggle("Bidirectional", key="inspect_bidir", persist_state="session")
+    vocab = seed_vocab()
+    V = len(vocab)
+    if kind == "scratch" and (layers > 1 or bidirectional):
+        st.info("The from-scratch RNN has one unidirectional layer, as in the seed, so layers and "
+                "bidirectional are ignored for it; pick nn.RNN, nn.GRU or nn.LSTM to use them.")
+        layers, bidirectional = 1, False
+    config = ModelConfig(kind, V, int(hidden), int(layers), bool(bidirectional))
+    ex = ins.seed_onehot_example(int(batch), int(steps), V)
+    st.code(f"{ex.code}   # X.shape = {fmt(ex.X.shape)} = (batch, steps)\n"
+            f"F.one_hot(X.T, {V}).shape   # {fmt(ex.onehot.shape)} = (steps, batch, vocab)")
+    st.markdown(f"One-hot shape **{fmt(ex.onehot.shape)}**: the batch is transposed so the first axis "
+                f"is time; step t is a ({batch}, {V}) matrix with a single 1 per row, in the column "
+                f"of that row's token." + (f" Ids above {V - 1} are taken modulo {V}." if ex.wrapped else ""))
+    n_t, n_b = min(int(steps), MAX_STEPS_DRAWN), min(int(batch), MAX_BATCH_DRAWN)
+    fig = make_subplots(rows=n_t, cols=1, shared_xaxes=True, vertical_spacing=0.3 / n_t,
+                        subplot_titles=[f"t = {t}: one_hot(X.T[{t}])  ({batch}, {V})" for t in range(n_t)])
+    labels = [vocab.label(i) for i in range(V)]
+    for t in range(n_t):
+        z = ex.onehot[t, :n_b].tolist()                            # (n_b, vocab)
+        fig.add_trace(go.Heatmap(z=z, x=labels, y=[f"seq {b}" for b in range(n_b)], zmin=0, zmax=1,
+                                 colorscale=[[0, "#f4f4f4"], [1, "#1f77b4"]], showscale=False,
+                                 xgap=1, ygap=1, hovertemplate="seq %{y}, token %{x}: %{z}<extra></extra>"),
+                      row=t + 1, col=1)
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_annotations(font_size=12)
+    st.plotly_chart(small_layout(fig, 60 + n_t * (50 + 18 * n_b)), width="stretch", key="inspect_onehot_fig")
+    if n_t < steps or n_b < batch:
+        st.caption(f"Drawn: the first {n_t} of {steps} steps and {n_b} of {batch} sequences.")
+
+    st.subheader("Through the model")
+    model = ins.demo_model(config)
+    fw = ins.forward_shapes(model, ex.X)
+    name = ("RNNModelScratch" if kind == "scratch" else f"RNNModel(nn.{ins.LAYER_CLASSES[kind].__name__})")
+    lines = [f"net = {name}(vocab={V}, hidden={hidden}"
+             + (f", layers={layers}" if layers > 1 else "") + (", bidirectional" if bidirectional else "")
+             + ")   # untrained: only shapes matter",
+             f"state = net.begin_state({batch})",
+             "Y, new_state = net(X, state)",
+             f"Y.shape              # {fmt(fw.Y_shape)}"]
+    if fw.state_len is None:
+        lines.append(f"new_state.shape      # {fmt(fw.state_shapes[0])}   {fw.state_what}")
+    else:
+        lines.append(f"len(new_state)       # {fw.state_len}   {fw.state_what}")
+        lines += [f"new_state[{i}].shape   # {fmt(s)}" for i, s in enumerate(fw.state_shapes)]
+    st.code("\n".join(lines))
+    st.markdown(
+        f"**Why is Y {fmt(fw.Y_shape)}?** The model runs {fw.steps} time steps. At each step it turns "
+        f"the hidden state of the {fw.batch} sequences into a ({fw.batch}, {V}) block of logits, one "
+        f"score per token. The {fw.steps} blocks are stacked one under the other, so Y has "
+        f"{fw.steps * fw.batch} = {fw.steps} × {fw.batch} = steps × batch rows and {V} = vocab columns. "
+        f"Row t·{fw.batch} + b is step t of sequence b, which is why the targets are flattened as "
+        f"`Y.T.reshape(-1)`.")
+    if kind == "scratch":
+        st.markdown(f"The state is a tuple holding one tensor H of shape {fmt(fw.state_shapes[0])} = "
+                    f"(batch, hidden): one hidden vector per sequence, carried from step to step.")
+    elif kind == "lstm":
+        st.markdown(f"An LSTM's state is a pair (h, c), each {fmt(fw.state_shapes[0])} = "
+                    "(directions × layers, batch, hidden): the hidden state and the memory cell.")
+    else:
+        st.markdown(f"nn.{ins.LAYER_CLASSES[kind].__name__}'s state is one tensor "
+                    f"{fmt(fw.state_shapes[0])} = (directions × layers, batch, hidden), not a tuple.")
+
+    st.subheader("The concise layer on its own")
+    st.caption("The seed's `nn.RNN(28, 256)` on `torch.rand(35, 32, 28)`: the recurrent layer without "
+               "the output layer.")
+    d1, d2, d3, d4, d5, d6 = st.columns([1.4, 1, 1, 1, 1, 1.3], vertical_alignment="bottom")
+    l_kind = d1.selectbox("Layer", ["rnn", "gru", "lstm"], format_func=KIND_LABELS.get, key="inspect_layer_kind", persist_state="session")
+    l_hidden = d2.number_input("Hidden size", 1, MAX_PAGE_HIDDEN, 256, key="inspect_layer_hidden", persist_state="session")
+    l_layers = d3.number_input("Layers", 1, 3, 1, key="inspect_layer_layers", persist_state="session")
+    l_batch = d4.number_input("Batch size", 1, 64, 32, key="inspect_layer_batch", persist_state="session")
+    l_steps = d5.number_input("Steps", 1, 64, 35, key="inspect_layer_steps", persist_state="session")
+    l_bidir = d6.toggle("Bidirectional", key="inspect_layer_bidir", persist_state="session")
+    le = ins.layer_example(l_kind, V, int(l_hidden), int(l_layers), bool(l_bidir), int(l_batch), int(l_steps))
+    state_lines = ([f"state_new.shape   # {fmt(le.state_shapes[0])}"] if len(le.state_shapes) == 1 else
+                   [f"state_new[{i}].shape   # {fmt(s)}" for i, s in enumerate(le.state_shapes)])
+    st.code("\n".join([f"rnn_layer = {le.code}",
+                       f"X = torch.rand({', '.join(map(str, le.X_shape))})   # (steps, batch, vocab)",
+                       f"Y, state_new = rnn_layer(X, state)",
+                       f"Y.shape           # {fmt(le.Y_shape)}"] + state_lines))
+    D = 2 if l_bidir else 1
+    st.markdown(f"Y {fmt(le.Y_shape)} = (steps, batch, {'2 × ' if D == 2 else ''}hidden) is every step's "
+                f"hidden state, not logits: the seed's RNNModel adds an nn.Linear from "
+                f"{D * int(l_hidden)} to {V} features. The state is {le.state_what}"
+                + (", h and c" if l_kind == "lstm" else "")
+                + f", {fmt(le.state_shapes[0])} = (directions × layers, batch, hidden).")
+
+# ---- the shape trace ----------------------------------------------------------
+with tab_trace:
+    st.subheader("Every stage of one forward pass")
+    st.caption(f"The model and batch of the worked example: {KIND_LABELS[kind]}, hidden {hidden}"
+               + (f", {layers} layers" if layers > 1 else "") + (", bidirectional" if bidirectional else "")
+               + f"; X = {fmt(ex.X.shape)}, targets = X shifted by one id.")
+    trace = ins.shape_trace(model, ex.X)
+    st.table(pd.DataFrame({"stage": [md(r.stage) for r in trace], "shape": [fmt(r.shape) for r in trace],
+                           "dtype": [r.dtype for r in trace], "note": [md(r.note) for r in trace]}),
+             hide_index=True)
+    st.subheader("Parameters")
+    params = ins.parameter_table(model)
+    st.table(pd.DataFrame({"name": [md(r.name) for r in params.rows], "shape": [fmt(r.shape) for r in params.rows],
+                           "count": [f"{r.count:,}" for r in params.rows], "role": [md(r.role) for r in params.rows]}),
+             hide_index=True)
+    st.markdown(f"**Total: {params.total:,} parameters** (= `sum(p.numel() for p in net.parameters())`).")
+
+# ---- the concatenation identity -----------------------------------------------
+with tab_concat:
+    st.subheader("X W_xh + H W_hh = cat(X, H) cat(W_xh, W_hh)")
+    st.markdown("The seed's section *RNN with hidden state*: the input's and the hidden state's "
+                "contributions can be computed as two products, or as one product of the "
+                "concatenated input and hidden state with the stacked weights.")
+    seed = st.number_input("Random seed", 0, 10_000, 0, key="inspect_concat_seed", persist_state="session")
+    ci = ins.concat_identity(int(seed))
+    s = ci.shapes
+    st.code(f"X, W_xh = torch.normal(0, 1, {s['X']}), torch.normal(0, 1, {s['W_xh']})\n"
+            f"H, W_hh = torch.normal(0, 1, {s['H']}), torch.normal(0, 1, {s['W_hh']})\n"
+            f"torch.matmul(X, W_xh) + torch.matmul(H, W_hh)                      # {fmt(s['result'])}\n"
+            f"torch.matmul(torch.cat((X, H), 1), torch.cat((W_xh, W_hh), 0))     # "
+            f"{fmt(s['cat((X, H), 1)'])} @ {fmt(s['cat((W_xh, W_hh), 0)'])} -> {fmt(s['result'])}")
+    left, right = st.columns(2)
+    frame = lambda t: pd.DataFrame(t.tolist()).style.format("{:.4f}")
+    left.markdown(f"**X @ W_xh + H @ W_hh** — {fmt(s['X'])}{fmt(s['W_xh'])} + {fmt(s['H'])}{fmt(s['W_hh'])}")
+    left.dataframe(frame(ci.separate), width="stretch", key="inspect_concat_left")
+    right.markdown(f"**cat(X, H, 1) @ cat(W_xh, W_hh, 0)** — {fmt(s['cat((X, H), 1)'])}"
+                   f"{fmt(s['cat((W_xh, W_hh), 0)'])}")
+    right.dataframe(frame(ci.concatenated), width="stretch", key="inspect_concat_right")
+    st.metric("Largest absolute difference", f"{ci.max_abs_diff:.2e}")
+    st.caption("Equal up to float32 rounding (about 1e-7): matrix multiplication is the same sums "
+               "in another order.")
+
+# ---- inside a trained model ---------------------------------------------------
+with tab_inside:
+    picked = model_picker("inspect_model")
+    text = st.text_area(f"Text (up to {ins.MAX_TEXT_CHARS:,} characters)", SEED_TEXT,
+                        max_chars=ins.MAX_TEXT_CHARS, key="inspect_text", persist_state="session")
+    reading = None
+    if picked is not None:
+        reading = ins.read_text(picked.model, picked.vocab, text or "", picked.preprocessing, top_k=3)
+    if reading is not None and not reading.chars:
+        st.info("Type a text above to see how the model reads it.")
+    elif reading is not None:
+        if picked.preprocessing == "seed":
+            st.caption("This model was trained with the seed's preprocessing (letters lowercased, every other "
+                       "character a space), so it knows 26 letters and the space; the text is lowercased "
+                       "before reading.")
+        if reading.unknown_chars:
+            st.warning("Not in this model's vocabulary, read as <unk> (id 0), which it never saw in "
+                       "training: " + " ".join(repr(c) for c in reading.unknown_chars))
+        if not reading.honest:
+            st.warning("This model is bidirectional: its backward half has already read the character it "
+                       "'predicts', so the guesses and the perplexity below are not honest predictions.")
+        if reading.truncated:
+            st.info(f"Only the first {ins.MAX_TEXT_CHARS:,} characters are read.")
+        n = len(reading.chars)
+        start = 0
+        if n > WINDOW:
+            start = st.slider("Heatmaps from character", 0, n - WINDOW, 0, key="inspect_window", persist_state="session")
+            start = min(start, n - WINDOW)  # a value kept from a longer text
+            st.caption(f"The heatmaps, the guesses and the loss strip show characters {start} to "
+                       f"{start + WINDOW - 1} of {n}; the coloured text below shows all of them.")
+        window = range(start, min(start + WINDOW, n))
+        xs, ticks = list(window), [show(reading.chars[i]) for i in window]
+
+        def char_axis(fig: go.Figure) -> go.Figure:
+            fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=ticks, tickangle=0,
+                             tickfont=dict(family="monospace"))
+            return fig
+
+        st.subheader("The text as one-hot vectors")
+        V_text = len(picked.vocab)
+        onehot = [[1 if reading.ids[i] == v else 0 for i in window] for v in range(V_text)]
+        token_labels = [picked.vocab.label(v) for v in range(V_text)]
+        fig = go.Heatmap(z=onehot, x=xs, y=list(range(V_text)), showscale=False, customdata=[[t] * len(xs) for t in token_labels],
+                         colorscale=[[0, "#f4f4f4"], [1, "#1f77b4"]], xgap=1, ygap=1,
+                         hovertemplate="token %{customdata}<extra></extra>")
+        fig = char_axis(go.Figure(fig))
+        # every token labelled (plotly would drop every other label of a crowded category axis)
+        fig.update_yaxes(tickmode="array", tickvals=list(range(V_text)), ticktext=token_labels,
+                         autorange="reversed", tickfont=dict(size=10))
+        st.plotly_chart(small_layout(fig, 100 + 14 * min(V_text, 100)), width="stretch", key="inspect_text_onehot")
+
+        st.subheader("Hidden state over the text")
+        order = ins.units_by_variance(reading.hidden)
+        variances = ins.unit_variances(reading.hidden)
+        shown = order[:MAX_UNITS_DRAWN]
+        z = reading.hidden[start:start + WINDOW][:, shown].T.tolist()  # (units shown, window)
+        fig = go.Figure(go.Heatmap(z=z, x=xs, y=[f"unit {u}" for u in shown], zmin=-1, zmax=1,
+                                   colorscale="RdBu", colorbar=dict(thickness=10),
+                                   hovertemplate="%{y}, char %{x}: %{z:.2f}<extra></extra>"))
+        fig.update_yaxes(type="category", autorange="reversed")
+        st.plotly_chart(small_layout(char_axis(fig), 120 + 9 * len(shown)), width="stretch",
+                        key="inspect_hidden_fig")
+        st.caption(f"Rows: the {len(shown)} of {reading.hidden.shape[1]} units whose activation varies "
+                   "most over this text, largest variance on top. Columns: the state after reading each "
+                   "character.")
+
+        st.subheader("One unit, character by character")
+        unit = st.selectbox("Unit (largest variance first; type a number to find any unit)", order,
+                            format_func=lambda u: f"unit {u} — variance {variances[u]:.3f}",
+                            key="inspect_unit", persist_state="session")
+        acts = reading.hidden[:, unit].tolist()
+        spans = "".join(
+            f'<span title="{html.escape(show(c))}: {a:+.2f}" style="background:{activation_colour(a)};'
+            f'padding:1px 0;">{html.escape(c) if c != chr(10) else "⏎<br>"}</span>'
+            for c, a in zip(reading.chars, acts))
+        st.html(f'<div style="font-family:monospace;font-size:15px;line-height:1.9;white-space:pre-wrap;'
+                f'color:#111;">{spans}</div>'
+                '<div style="font-size:12px;color:#666;">each character is coloured by unit '
+                f'{unit}\'s activation after reading it: <span style="background:{activation_colour(-1)}">'
+                '&nbsp;−1&nbsp;</span> <span style="background:#fff">&nbsp;0&nbsp;</span> '
+                f'<span style="background:{activation_colour(1)};color:#fff">&nbsp;+1&nbsp;</span></div>')
+        profile = ins.unit_profile(reading, unit)
+        fmt_profile = lambda rows: ", ".join(f"'{show(c)}' {m:+.2f} (×{k})" for c, m, k in rows)
+        st.markdown(f"Unit {unit} is highest after {fmt_profile(profile[:5])}; lowest after "
+                    f"{fmt_profile(profile[::-1][:5])}.")
+
+        st.subheader("What the model expects next")
+        if n < 2:
+            st.info("One character gives guesses but nothing to score them against: type at least two.")
+        cells = []
+        for i in window:
+            p = reading.p_next[i]
+            guesses = "".join(f'<div style="color:#555">{html.escape(show(tok))} {prob:.2f}</div>'
+                              for tok, prob in reading.top[i])
+            actual = ("" if p is None else
+                      f'<div title="p(next = {html.escape(show(reading.chars[i + 1]))})" style="font-weight:600;'
+                      f'color:{"#1a7f37" if p >= 0.5 else "#b35900" if p >= 0.1 else "#c62828"}">{p:.2f}</div>')
+            cells.append('<div style="display:inline-block;vertical-align:top;width:46px;margin:0 2px 8px 0;'
+                         'font-family:monospace;font-size:11px;text-align:center;border-left:1px solid #ddd;">'
+                         f'<div style="font-size:16px;font-weight:700">{html.escape(show(reading.chars[i]))}</div>'
+                         f'{guesses}{actual}</div>')
+        st.html('<div style="line-height:1.3">' + "".join(cells) + "</div>")
+        st.caption("Under each character: the model's three likeliest next characters after reading up to "
+                   "it, and (bold) the probability it gave to the character that actually follows — green "
+                   "≥ 0.5, orange ≥ 0.1, red below.")
+        st.subheader("Loss per character")
+        # drawn under the character that was predicted: how surprised the model was to see it
+        losses = [reading.loss[i - 1] if i > 0 else None for i in window]
+        fig = go.Figure(go.Heatmap(z=[losses], x=xs, y=["loss"], zmin=0, zmax=max(math.log(V_text) * 2, 1),
+                                   colorscale="Reds", colorbar=dict(thickness=10, title="nats"),
+                                   hovertemplate="loss %{z:.2f} nats<extra></extra>", xgap=1))
+        st.plotly_chart(small_layout(char_axis(fig), 150), width="stretch", key="inspect_loss_strip")
+        st.caption("Under each character: −log p(this character | the text before it), the surprise of "
+                   "the model on seeing it; the first character has no text before it. The mean of the strip "
+                   "is the loss whose exp is the perplexity.")
+
+# ---- perplexity ---------------------------------------------------------------
+with tab_ppl:
+    st.subheader("Perplexity, explained by numbers")
+    if reading is None or reading.perplexity is None:
+        st.info("Pick a model and type at least two characters in *Inside a trained model* to see "
+                "their perplexity.")
+    else:
+        pn = ins.perplexity_numbers(reading)
+        a, b, c = st.columns(3)
+        a.metric("Uniform guessing", f"{pn.uniform:.0f}", border=True,
+                 help=f"p = 1/{pn.uniform:.0f} for every character: loss log {pn.uniform:.0f} = "
+                      f"{pn.uniform_loss:.2f} nats")
+        b.metric("Perfect model", f"{pn.best:.0f}", border=True, help="p = 1 for the right character: loss 0")
+        c.metric("This text", f"{pn.actual:.2f}", border=True,
+                 help=f"exp(mean loss) = exp({pn.actual_loss:.3f})")
+        st.table(pd.DataFrame({
+            "": ["uniform guessing", "perfect model", "this text"],
+            "probability of the right character": [f"1/{pn.uniform:.0f} = {1 / pn.uniform:.3f}", "1",
+                                                   f"{math.exp(-pn.actual_loss):.3f} (geometric mean)"],
+            "loss = −log p (nats)": [f"log {pn.uniform:.0f} = {pn.uniform_loss:.3f}", "0", f"{pn.actual_loss:.3f} (mean)"],
+            "perplexity = exp(loss)": [f"{pn.uniform:.0f}", "1", f"{pn.actual:.2f}"]}), hide_index=True)
+        st.markdown(
+            f"Perplexity is exp(mean loss per character). A model that spreads its bets evenly over the "
+            f"{pn.uniform:.0f} tokens has loss log {pn.uniform:.0f} = {pn.uniform_loss:.2f} nats and "
+            f"perplexity {pn.uniform:.0f}: it is as unsure as a {pn.uniform:.0f}-sided die. A model always "
+            f"certain and right has loss 0 and perplexity 1. On this text ({pn.n_predictions} predictions) "
+            f"*{picked.label}* has mean loss {pn.actual_loss:.3f} nats, perplexity **{pn.actual:.2f}**: on "
+            f"average as unsure as a choice among {pn.actual:.1f} equally likely characters.")
+        metrics = (picked.meta or {}).get("metrics") or {}
+        if metrics.get("perplexity") is not None:
+            val = metrics.get("val_perplexity")
+            st.markdown(f"For comparison, this checkpoint ended training with perplexity "
+                        f"{metrics['perplexity']:.2f} on its training text"
+                        + (f" and {val:.1f} on the held-out text after it" if val is not None else "")
+                        + ". A large gap means it memorised its training text rather than learning English.")
+        if not reading.honest:
+            st.caption("A bidirectional model's perplexity is not a fair score: it has seen the answers.")

@@ -1,0 +1,92 @@
+"""How much slower does training run in the app, with the Train page open and redrawing, than in
+the CLI? Alternates the two, same settings, and prints both tokens/s and their ratio.
+
+    python bench/app_vs_cli.py --epochs 60 --rounds 2      # needs /usr/bin/chromium and Playwright
+
+The app side: `streamlit run app.py`, a headless Chromium on the Train page, Start, wait until the
+run ends, Save; tokens/s is read from the saved checkpoint (training time only, as the CLI's).
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from charrnn.checkpoint import read_metadata  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+
+
+def cli_run(epochs: int) -> float:
+    out = subprocess.run([sys.executable, "-m", "charrnn", "train", "--epochs", str(epochs), "--json", "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int) -> float:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/train")
+    page.wait_for_selector("[data-testid=stApp]")
+    box = page.get_by_role("spinbutton", name="Epochs")
+    box.fill(str(epochs))
+    box.press("Enter")
+    page.wait_for_timeout(500)
+    page.get_by_role("button", name="Start").click()
+    expect(page.get_by_text(f"run{run} · ")).to_be_visible()
+    expect(page.get_by_text(f"epoch {epochs} / {epochs}")).to_be_visible(timeout=epochs * 10_000)
+    expect(page.get_by_text("· finished")).to_be_visible()
+    page.get_by_role("textbox", name="Checkpoint name").fill(name)
+    page.get_by_role("button", name="Save").click()
+    expect(page.get_by_text("Saved")).to_be_visible()
+    page.close()
+    return read_metadata(folder / f"{name}.safetensors")["metrics"]["tokens_per_s"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    folder = Path(tempfile.mkdtemp())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port)],
+                              cwd=ROOT, env=os.environ | {"CHARRNN_CHECKPOINTS": str(folder)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.3)
+    cli, app = [], []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
+            for r in range(args.rounds):
+                cli.append(cli_run(args.epochs))
+                app.append(app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1))
+                print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s", flush=True)
+            browser.close()
+    finally:
+        server.terminate()
+    c, a = statistics.median(cli), statistics.median(app)
+    print(json.dumps({"epochs": args.epochs, "cli_tokens_per_s": c, "app_tokens_per_s": a,
+                      "app_over_cli": round(a / c, 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Train: the seed's settings, Start/Stop, and the run drawn live while it trains.
+
+The run itself lives in charrnn.jobs (a background thread); this page only starts it, stops it,
+and redraws its snapshot about once a second while it runs.
+"""
+from __future__ import annotations
+
+import html
+import math
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from charrnn.checkpoint import CheckpointError
+from charrnn.data import MAX_CORPUS_BYTES, CorpusError, decode_text
+from charrnn.device import available_devices
+from charrnn.jobs import JobBusy, Snapshot
+from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
+from charrnn.train import MAX_EPOCHS, TrainConfig
+from pages.common import through_router, corpus_for, registry
+
+through_router()
+
+MODEL_NAMES = {"scratch": "RNN from scratch", "rnn": "nn.RNN", "gru": "GRU", "lstm": "LSTM"}
+MAX_POINTS = 1000  # per curve; longer histories are thinned for drawing
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+st.title("Train")
+jobs = registry()
+
+
+# -----------------------------------------------------------------------------
+# settings
+
+def settings_ui() -> dict:
+    """The seed's settings with its defaults; returns the widget values."""
+    s = {}
+    c1, c2, c3, c4 = st.columns(4)
+    with c1:
+        s["model"] = st.selectbox("Model", KINDS, format_func=MODEL_NAMES.get, key="train_model", persist_state="session",
+                                  help="The seed's from-scratch RNN, or torch.nn's RNN, GRU, LSTM.")
+        s["hidden_size"] = st.number_input(
+            "Hidden size", 1, MAX_HIDDEN, DEFAULT_HIDDEN[s["model"]], key=f"train_hidden_{s['model']}", persist_state="session",
+            help="Units in the hidden state (the seed: 512 from scratch, 256 concise).")
+        s["num_layers"] = st.number_input("Layers", 1, MAX_LAYERS, 1, key="train_layers", persist_state="session",
+                                          disabled=s["model"] == "scratch",
+                                          help="Stacked recurrent layers (the scratch RNN has one).")
+        s["bidirectional"] = st.checkbox("Bidirectional", False, key="train_bidirectional", persist_state="session",
+                                         disabled=s["model"] == "scratch",
+                                         help="Reads both ways; it sees the future, so it cannot generate.")
+    with c2:
+        s["batch_size"] = st.number_input("Batch size", 1, 4096, 32, key="train_batch", persist_state="session",
+                                          help="Subsequences per minibatch.")
+        s["num_steps"] = st.number_input("Steps per subsequence", 1, 1000, 35, key="train_steps", persist_state="session",
+                                         help="Time steps unrolled for backpropagation.")
+        s["lr"] = st.number_input("Learning rate", 1e-6, 1e4, 1.0, format="%g", key="train_lr", persist_state="session",
+                                  help="The seed uses SGD with learning rate 1.")
+        s["epochs"] = st.number_input("Epochs", 1, MAX_EPOCHS, 500, key="train_epochs", persist_state="session",
+                                      help="Passes over the training tokens (the seed: 500).")
+    with c3:
+        s["clip"] = st.number_input("Clipping θ", 0.0, 1e6, 1.0, format="%g", key="train_clip", persist_state="session",
+                                    help="Gradients with a global norm above θ are scaled down to θ (0: off).")
+        s["sampling"] = st.radio("Sampling", ["sequential", "random"], key="train_sampling", persist_state="session", horizontal=True,
+                                 help="Sequential keeps the hidden state across minibatches; random "
+                                      "samples subsequences anywhere and starts each from zero.")
+        s["max_tokens"] = st.number_input("Max tokens", 0, 10_000_000, 10_000, step=1000, key="train_max_tokens", persist_state="session",
+                                          help="Training tokens from the start of the text (0: all). "
+                                               "The next 2,000 are held out for validation.")
+    with c4:
+        s["optimizer"] = st.selectbox("Optimizer", ["sgd", "adam"], key="train_optimizer", persist_state="session",
+                                      format_func=str.upper, help="SGD as the seed; Adam wants lr ≈ 0.002.")
+        s["seed"] = st.number_input("Seed", 0, 2**31 - 1, 0, key="train_seed", persist_state="session",
+                                    help="Initial weights and minibatch order.")
+        devices = available_devices()
+        s["device"] = st.selectbox("Device", devices, key="train_device", persist_state="session", disabled=len(devices) == 1,
+                                   help="Detected: cuda > mps > cpu.")
+    if s["model"] == "scratch":
+        s["num_layers"], s["bidirectional"] = 1, False
+    return s
+
+
+def corpus_ui():
+    """The Time Machine or an uploaded text; returns (source, preprocessing, text) or None."""
+    timemachine_ok, problem = True, None
+    try:
+        corpus_for("timemachine", "seed", 10_000)
+    except CorpusError as e:
+        timemachine_ok, problem = False, str(e)
+    options = ["The Time Machine", "Upload a .txt"]
+    choice = st.radio("Corpus", options, index=0 if timemachine_ok else 1, key="train_corpus", persist_state="session",
+                      horizontal=True)
+    if choice == options[0]:
+        if not timemachine_ok:
+            st.warning(f"{problem} You can upload a text instead.")
+            return None
+        return "timemachine", "seed", None
+    upload = st.file_uploader("A UTF-8 text file", type=["txt"], key="upload",  # not train_-prefixed: an uploader cannot be re-assigned
+                              max_upload_size=MAX_CORPUS_BYTES // 2**20,
+                              help=f"Up to {MAX_CORPUS_BYTES // 2**20} MB.")
+    mode = st.radio("Preprocessing", ["raw", "seed"], key="train_preprocessing", persist_state="session", horizontal=True,
+                    format_func={"raw": "raw: every character", "seed": "seed: lowercase letters and spaces"}.get)
+    if upload is None:
+        return None
+    try:
+        text = decode_text(upload.getvalue(), upload.name)
+    except CorpusError as e:
+        st.error(str(e))
+        return None
+    return upload.name, mode, text
+
+
+# -----------------------------------------------------------------------------
+# drawing a run
+
+def thin(xs: list, ys: list) -> tuple[list, list]:
+    """At most MAX_POINTS points, evenly spaced, always keeping the last."""
+    n = len(xs)
+    if n <= MAX_POINTS:
+        return xs, ys
+    idx = sorted(set(range(0, n, n // MAX_POINTS + 1)) | {n - 1})
+    return [xs[i] for i in idx], [ys[i] for i in idx]
+
+
+def perplexity_figure(snaps: list[Snapshot]) -> go.Figure:
+    fig = go.Figure()
+    vocab = max(s.vocab_size for s in snaps)
+    for i, s in enumerate(snaps):
+        color = COLORS[i % len(COLORS)]
+        ep = s.columns["epoch"]
+        x, y = thin(ep[1:], s.columns["train_ppl"][1:])
+        fig.add_scatter(x=x, y=y, name=f"{s.label} · train", line=dict(color=color), mode="lines")
+        x, y = thin(ep, s.columns["val_ppl"])
+        fig.add_scatter(x=x, y=y, name=f"{s.label} · validation", line=dict(color=color, dash="dot"),
+                        mode="lines")
+    fig.add_hline(y=vocab, line_dash="dash", line_color="gray",
+                  annotation_text=f"uniform guess = vocab size ({vocab})", annotation_position="top left")
+    fig.add_hline(y=1, line_dash="dash", line_color="green", annotation_text="perfect = 1",
+                  annotation_position="bottom left")
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="epoch",
+                      yaxis_title="perplexity (log)", legend=dict(orientation="h", y=-0.2),
+                      uirevision="ppl")
+    top = max([vocab] + [v for s in snaps for v in s.columns["train_ppl"] + s.columns["val_ppl"] if v == v])
+    fig.update_yaxes(type="log", range=[-0.05, math.log10(top * 1.5)])  # from just under 1 to the worst
+    return fig
+
+
+def grad_figure(s: Snapshot) -> go.Figure:
+    ep = s.columns["epoch"][1:]
+    fig = go.Figure()
+    fig.add_scatter(x=ep, y=s.columns["grad_norm"][1:], name="mean ‖g‖", mode="lines")
+    fig.add_scatter(x=ep, y=s.columns["grad_norm_max"][1:], name="max ‖g‖", mode="lines",
+                    line=dict(dash="dot"))
+    if s.config.clip > 0:
+        fig.add_hline(y=s.config.clip, line_dash="dash", line_color="red",
+                      annotation_text=f"θ = {s.config.clip:g}: above it, clipping bites")
+    fig.update_layout(height=220, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="epoch",
+                      yaxis_title="gradient norm before clipping", uirevision="grad",
+                      legend=dict(orientation="h", y=-0.35))
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
+    frac = snap.epoch / snap.epochs if snap.epochs else 0
+    st.progress(min(frac, 1.0), text=f"{snap.label} — epoch {snap.epoch} / {snap.epochs} · "
+                                      f"{fmt_time(snap.elapsed_s)} elapsed · ETA {fmt_time(snap.eta_s)} · {snap.status}")
+    m1, m2, m3, m4 = st.columns(4)
+    ppl, val, tps, g = (snap.last(c) for c in ("train_ppl", "val_ppl", "tokens_per_s", "grad_norm"))
+    m1.metric("Train perplexity", f"{ppl:.3f}" if ppl else "–")
+    m2.metric("Validation perplexity", f"{val:.2f}" if val else "–")
+    m3.metric("Tokens / s", f"{tps:,.0f}" if tps else "–")
+    m4.metric("Gradient norm", f"{g:.3g}" if g else "–")
+    st.plotly_chart(perplexity_figure(overlay), width="stretch", key="train_chart_ppl")
+    left, right = st.columns([3, 2])
+    with left:
+        if snap.epoch:
+            st.plotly_chart(grad_figure(snap), width="stretch", key="train_chart_grad")
+    with right:
+        st.markdown("**Samples after “time traveller”**, newest first")
+        rows = "".join(f"<div><code>{epoch:>5}</code> {html.escape(text)}</div>"
+                       for epoch, text in reversed(snap.samples[-30:]))
+        st.html(f"<div style='font-family:monospace;font-size:0.85em;max-height:230px;overflow-y:auto'>{rows}</div>")
+    if snap.error:
+        st.error(snap.error)
+
+
+# -----------------------------------------------------------------------------
+# the page
+
+running = jobs.running()
+with st.expander("Settings", expanded=running is None):
+    source = corpus_ui()
+    settings = settings_ui()
+
+b1, b2, _ = st.columns([1, 1, 6])
+start = b1.button("Start", type="primary", disabled=running is not None or source is None, key="start")
+stop = b2.button("Stop", disabled=running is None, key="stop")
+
+if start:
+    try:
+        name, mode, text = source
+        config = TrainConfig(**settings)
+        corpus = corpus_for(name, mode, config.max_tokens, text)
+        running = jobs.start(config, corpus, settings=settings | {"corpus": name, "preprocessing": mode})
+        st.session_state["train_watch"] = running.id
+    except (ValueError, CorpusError, JobBusy) as e:
+        st.error(str(e))
+    else:
+        st.rerun()  # draw the buttons again: Start off, Stop on
+if stop and running is not None:
+    running.stop(timeout=2.0)
+    st.rerun()
+
+all_jobs = jobs.jobs()
+if not all_jobs:
+    st.info("Press **Start** to train with the seed's settings; the perplexity curve appears here "
+            "and falls live.")
+    st.stop()
+
+labels = [j.label for j in all_jobs]
+shown = st.multiselect("Runs on the chart", labels, default=labels,  # no key: a new run resets it to all
+                       help="Finished runs stay so you can compare them (sequential vs random, RNN vs GRU vs LSTM).")
+current = running or next((j for j in reversed(all_jobs) if j.id == st.session_state.get("train_watch")),
+                          all_jobs[-1])
+
+
+@st.fragment(run_every=1.0 if running is not None else None)
+def live():
+    snap = current.snapshot()
+    overlay = [j.snapshot() if j is not current else snap for j in all_jobs if j.label in shown] or [snap]
+    live_view(snap, overlay)
+    if running is not None and not snap.running:
+        st.rerun()  # the run ended: redraw the whole page once, with the save form and no timer
+
+
+live()
+
+# save the ended runs
+ended = [j for j in all_jobs if not j.alive and j.trainer.epoch > 0]
+if ended:
+    st.subheader("Save a run")
+    c1, c2, c3 = st.columns([3, 2, 1])
+    pick = c1.selectbox("Run", [j.label for j in reversed(ended)], key="train_save_run", persist_state="session")
+    job = next(j for j in ended if j.label == pick)
+    name = c2.text_input("Checkpoint name", f"{job.config.model}-{job.config.hidden_size}-{job.id}",
+                         key=f"train_save_name_{job.id}", persist_state="session", help="Saved as checkpoints/NAME.safetensors.")
+    c3.write("")
+    if c3.button("Save", key="save"):
+        try:
+            path = job.save(name)
+            st.success(f"Saved {path}. It is now in the Generate and Inspect pages.")
+        except (CheckpointError, ValueError, JobBusy) as e:
+            st.error(str(e))
+    with st.expander("The same run from the command line"):
+        st.code(job.cli_command(), language="bash")

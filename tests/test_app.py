@@ -1,0 +1,147 @@
+"""The app's pages through streamlit.testing.v1.AppTest: Home, Train (a live job), Generate.
+
+AppTest never fires `run_every`, so the tests poll with at.run() until a deadline. Every job a
+test starts is stopped by the `jobs` fixture.
+"""
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def jobs(tmp_path, monkeypatch):
+    """The app's process-wide job registry, emptied before and stopped after the test; a
+    checkpoints folder holding only the shipped model."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(ROOT / "checkpoints" / "default.safetensors", folder)
+    monkeypatch.setenv("CHARRNN_CHECKPOINTS", str(folder))
+    from pages.common import registry
+    reg = registry()
+    reg.stop_all()
+    for job in reg.jobs():
+        reg.remove(job.id)
+    yield reg
+    reg.stop_all()
+    assert reg.running() is None
+
+
+def app(page=None):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def chart_points(at, index=0) -> int:
+    charts = at.get("plotly_chart")
+    if not charts:
+        return 0
+    spec = json.loads(charts[index].proto.spec)
+    return len(spec["data"][0].get("x", []))
+
+
+def poll(at, until, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        at.run()
+        assert not at.exception, at.exception
+        if until(at):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_home_explains_and_links():
+    at = app()
+    text = " ".join(m.value for m in at.markdown)
+    assert "Hidden state" in text and "Perplexity" in text and "Next-character" in text
+
+
+def test_train_live_chart_stop_and_save(jobs):
+    at = app("train")
+    assert at.number_input(key="train_epochs").value == 500          # the seed's defaults
+    assert at.number_input(key="train_hidden_scratch").value == 512
+    assert at.number_input(key="train_lr").value == 1.0
+    at.selectbox(key="train_model").set_value("rnn").run()
+    at.number_input(key="train_hidden_rnn").set_value(64)
+    at.number_input(key="train_epochs").set_value(2000)
+    at.run()
+    at.button(key="start").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    job = jobs.running()
+    assert job is not None
+    assert poll(at, lambda a: chart_points(a) >= 2), "the perplexity chart never grew"
+    assert any(m.label == "Tokens / s" for m in at.metric)
+    # a second Start while one runs is refused (the button is disabled; a race gets JobBusy)
+    assert at.button(key="start").disabled
+    from charrnn.jobs import JobBusy
+    with pytest.raises(JobBusy, match="already training"):
+        jobs.start(job.config, job.corpus)
+    # a second tab re-attaches to the same run
+    other = app("train")
+    assert other.button(key="stop").disabled is False and jobs.running() is job
+    t0 = time.monotonic()
+    at.button(key="stop").click().run()
+    assert time.monotonic() - t0 < 5 and not job.alive
+    assert job.snapshot().status == "stopped" and job.trainer.epoch >= 1
+    at.text_input(key=f"train_save_name_{job.id}").set_value("from-the-app")
+    at.button(key="save").click().run()
+    assert any("Saved" in s.value for s in at.success), [e.value for e in at.error]
+    assert (Path(str(jobs.get(job.id).saved[0]))).is_file()
+
+
+def test_train_divergence_is_one_readable_sentence(jobs):
+    at = app("train")
+    at.selectbox(key="train_model").set_value("rnn").run()
+    at.number_input(key="train_hidden_rnn").set_value(16)
+    at.number_input(key="train_lr").set_value(10000.0)
+    at.number_input(key="train_clip").set_value(0.0)
+    at.number_input(key="train_epochs").set_value(50)
+    at.run()
+    at.button(key="start").click().run()
+    assert poll(at, lambda a: any("diverged" in e.value for e in a.error)), [e.value for e in at.error]
+
+
+def test_generate_from_the_shipped_model(jobs):
+    at = app("generate")
+    assert at.selectbox(key="gen_model").value.startswith("default")
+    at.text_input(key="gen_prefix").set_value("time traveller")
+    at.number_input(key="gen_length").set_value(40)
+    at.button(key="generate").click().run()
+    assert not at.exception and not at.error
+    html = at.get("html")[0].proto.body
+    assert "time traveller" in html
+    assert chart_points(at) == 10                            # top-10 next-character bars
+
+
+def test_generate_flags_unknown_characters_and_refuses_empty_prefix(jobs):
+    at = app("generate")
+    at.text_input(key="gen_prefix").set_value("Time Traveller #42")
+    at.button(key="generate").click().run()
+    assert any("<unk>" in w.value for w in at.warning)
+    at.text_input(key="gen_prefix").set_value("")
+    at.button(key="generate").click().run()
+    assert any("prefix is empty" in e.value for e in at.error)
+
+
+def test_generate_untrained_model_and_sampling(jobs):
+    at = app("generate")
+    untrained = next(o for o in at.selectbox(key="gen_model").options if o.startswith("Untrained"))
+    at.selectbox(key="gen_model").set_value(untrained).run()
+    at.radio(key="gen_mode").set_value("sample").run()
+    at.number_input(key="gen_seed").set_value(3)
+    at.button(key="generate").click().run()
+    first = at.get("html")[0].proto.body
+    at.button(key="generate").click().run()
+    assert at.get("html")[0].proto.body == first             # same seed, same text
+    assert not at.exception

@@ -1,0 +1,147 @@
+"""End-to-end: `streamlit run app.py` driven in Debian's Chromium through Playwright, as a person
+would use it. Screenshots of every page land in artifacts/screenshots/ (git-ignored).
+
+Needs /usr/bin/chromium (`apt-get install chromium`; .ci/run installs it). Playwright cannot
+download browsers here, so it launches that executable.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app on 127.0.0.1 with its own checkpoints folder (the shipped model copied in)."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    shutil.copy(ROOT / "checkpoints" / "default.safetensors", folder)
+    port = free_port()
+    env = os.environ | {"CHARRNN_CHECKPOINTS": str(folder), "CHARRNN_OFFLINE": "1"}
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            log.seek(0)
+            pytest.fail("streamlit did not come up:\n" + log.read()[-3000:])
+        time.sleep(0.3)
+    yield {"url": url, "checkpoints": folder, "log": log}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.seek(0)
+    assert "Traceback" not in log.read(), "the server logged a traceback"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium).")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(30_000)
+    yield pg
+    context.close()
+
+
+def open_page(page, server, path=""):
+    page.goto(f"{server['url']}/{path}")
+    page.wait_for_selector("[data-testid=stApp]")
+    page.wait_for_selector("[data-testid=stMainBlockContainer]")
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)  # the run finished
+
+
+def shot(page, name):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def no_traceback(page):
+    assert page.get_by_test_id("stException").count() == 0
+    assert "Traceback" not in page.content()
+
+
+def test_home(page, server):
+    open_page(page, server)
+    expect(page.get_by_role("heading", name="charrnn")).to_be_visible()
+    expect(page.get_by_text("Hidden state.")).to_be_visible()
+    shot(page, "home")
+    no_traceback(page)
+
+
+def test_train_start_watch_stop(page, server):
+    open_page(page, server, "train")
+    epochs = page.get_by_role("spinbutton", name="Epochs")
+    epochs.fill("300")
+    epochs.press("Enter")
+    page.get_by_role("button", name="Start").click()
+    # the chart appears and grows while the run trains
+    chart = page.locator("[data-testid=stPlotlyChart]").first
+    expect(chart).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("epoch 3 /")).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(1500)
+    shot(page, "train")
+    progress = page.get_by_test_id("stProgress").inner_text()
+    page.get_by_role("button", name="Stop").click()
+    expect(page.get_by_text("stopped")).to_be_visible(timeout=10_000)
+    expect(page.get_by_role("button", name="Save")).to_be_visible()
+    assert "epoch" in progress
+    no_traceback(page)
+
+
+def test_generate(page, server):
+    open_page(page, server, "generate")
+    prefix = page.get_by_role("textbox", name="Prefix")
+    prefix.fill("the time machine")
+    prefix.press("Enter")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("Highlighted: the prefix")).to_be_visible()
+    expect(page.locator("[data-testid=stPlotlyChart]")).to_have_count(1)
+    shot(page, "generate")
+    no_traceback(page)
+
+
+def test_inspect(page, server):
+    open_page(page, server, "inspect")
+    expect(page.get_by_role("heading", name="Inspect")).to_be_visible()
+    expect(page.get_by_text("(5, 2, 28)").first).to_be_visible()
+    shot(page, "inspect")
+    no_traceback(page)

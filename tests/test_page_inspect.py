@@ -1,0 +1,151 @@
+"""The Inspect page through streamlit's AppTest: it renders for every model kind, its shapes follow
+the widgets, and odd inputs give a sentence, never an exception."""
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def at(ckpt_dir):
+    """The app on the Inspect page, with only the shipped checkpoint to pick from."""
+    shutil.copy(ROOT / "checkpoints" / "default.safetensors", ckpt_dir)
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    app.run()
+    app.switch_page("pages/inspect.py")
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def text_of(app) -> str:
+    """Everything the page wrote as code, Markdown, tables, alerts and HTML, as one string."""
+    parts = [c.value for c in app.code] + [m.value for m in app.markdown] + [c.value for c in app.caption]
+    parts += [t.value.to_string() for t in app.table] + [h.value for h in app.html]
+    parts += [a.value for a in (*app.info, *app.warning)] + [f"{m.label}={m.value}" for m in app.metric]
+    return "\n".join(parts)
+
+
+def rerun(app):
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    return text_of(app)
+
+
+def test_the_seeds_worked_example(at):
+    page = text_of(at)
+    assert at.title[0].value == "Inspect"
+    assert "F.one_hot(X.T, 28).shape   # (5, 2, 28)" in page
+    assert "Y.shape              # (10, 28)" in page
+    assert "len(new_state)       # 1" in page and "new_state[0].shape   # (2, 512)" in page
+    assert "10 = 5 × 2 = steps × batch" in page
+    # the concise example
+    assert "rnn_layer = nn.RNN(28, 256)" in page
+    assert "Y.shape           # (35, 32, 256)" in page and "state_new.shape   # (1, 32, 256)" in page
+    # the shape trace and the parameter table of the same model
+    assert "(10, 28)" in at.table[0].value.to_string()
+    params = at.table[1].value
+    assert list(params["shape"]) == ["(28, 512)", "(512, 512)", "(512,)", "(512, 28)", "(28,)"]
+    assert "Total: 291,356 parameters" in page
+    # the concatenation identity
+    assert "(3, 1)(1, 4) + (3, 4)(4, 4)" in page and "(3, 5)(5, 4)" in page
+    assert float(next(m.value for m in at.metric if m.label == "Largest absolute difference")) < 1e-5
+
+
+@pytest.mark.parametrize("kind, state_lines", [
+    ("scratch", ["len(new_state)       # 1", "new_state[0].shape   # (3, 512)"]),
+    ("rnn", ["new_state.shape      # (1, 3, 512)"]),
+    ("gru", ["new_state.shape      # (1, 3, 512)"]),
+    ("lstm", ["len(new_state)       # 2", "new_state[0].shape   # (1, 3, 512)", "new_state[1].shape   # (1, 3, 512)"]),
+])
+def test_every_kind_and_the_shapes_follow(at, kind, state_lines):
+    before = text_of(at)
+    assert "(5, 2, 28)" in before and "(4, 3, 28)" not in before
+    at.selectbox(key="inspect_kind").set_value(kind)
+    at.number_input(key="inspect_batch").set_value(3)
+    at.number_input(key="inspect_steps").set_value(4)
+    page = rerun(at)
+    assert "F.one_hot(X.T, 28).shape   # (4, 3, 28)" in page and "(5, 2, 28)" not in page
+    assert "Y.shape              # (12, 28)" in page and "12 = 4 × 3 = steps × batch" in page
+    for line in state_lines:
+        assert line in page
+    trace = at.table[0].value
+    assert trace.loc[trace["stage"] == "logits Y\\_hat", "shape"].item() == "(12, 28)"
+    assert trace.loc[trace["stage"] == "outputs stacked", "shape"].item() == "(4, 3, 512)"
+
+
+def test_bidirectional_layers_and_bad_combinations(at):
+    at.toggle(key="inspect_bidir").set_value(True)
+    at.number_input(key="inspect_layers").set_value(2)
+    page = rerun(at)  # scratch: one unidirectional layer, said in a sentence
+    assert any("one unidirectional layer" in i.value for i in at.info)
+    assert "new_state[0].shape   # (2, 512)" in page
+    at.selectbox(key="inspect_kind").set_value("lstm")
+    page = rerun(at)
+    assert not any("one unidirectional layer" in i.value for i in at.info)
+    assert "new_state[0].shape   # (4, 2, 512)" in page  # directions × layers = 4
+    assert at.table[0].value.loc[lambda t: t["stage"] == "outputs stacked", "shape"].item() == "(5, 2, 1024)"
+
+
+def test_concise_layer_follows_its_widgets(at):
+    at.selectbox(key="inspect_layer_kind").set_value("lstm")
+    at.number_input(key="inspect_layer_hidden").set_value(64)
+    at.toggle(key="inspect_layer_bidir").set_value(True)
+    page = rerun(at)
+    assert "rnn_layer = nn.LSTM(28, 64, bidirectional=True)" in page
+    assert "Y.shape           # (35, 32, 128)" in page
+    assert "state_new[0].shape   # (2, 32, 64)" in page and "state_new[1].shape   # (2, 32, 64)" in page
+
+
+def test_inside_the_shipped_model_and_unit_17(at):
+    page = text_of(at)
+    assert "default" in at.selectbox(key="inspect_model").value
+    ppl = float(next(m.value for m in at.metric if m.label == "This text"))
+    assert 1 <= ppl < 5  # the shipped model knows this sentence; uniform guessing would be 28
+    unit = at.selectbox(key="inspect_unit")
+    assert unit.options[0].startswith(f"unit {unit.value} — variance")  # the largest variance first
+    assert f"unit {unit.value}'s activation" in page
+    at.selectbox(key="inspect_unit").set_value(17)
+    page = rerun(at)
+    assert "Unit 17 is highest after" in page and "unit 17's activation" in page
+    assert page.count("background:rgb(") > 100  # a coloured span per character
+
+
+def test_odd_texts(at):
+    at.text_area(key="inspect_text").set_value("")
+    rerun(at)
+    assert any("Type a text" in i.value for i in at.info)
+    assert not [m for m in at.metric if m.label == "This text"]
+    at.text_area(key="inspect_text").set_value("T")
+    rerun(at)
+    assert any("at least two" in i.value for i in at.info)
+    at.text_area(key="inspect_text").set_value("The Time Machine, 1895")
+    rerun(at)
+    assert any("<unk>" in w.value and "','" in w.value for w in at.warning)
+    assert [m for m in at.metric if m.label == "This text"]
+
+
+def test_untrained_model_is_near_uniform(at):
+    at.selectbox(key="inspect_model").set_value(next(o for o in at.selectbox(key="inspect_model").options
+                                                     if o.startswith("Untrained")))
+    rerun(at)
+    ppl = float(next(m.value for m in at.metric if m.label == "This text"))
+    assert 20 < ppl < 36  # random weights: about as unsure as 28 equally likely tokens
+
+
+def test_long_text_window_survives_a_shorter_text(at):
+    at.text_area(key="inspect_text").set_value("the time machine is a novel " * 40)
+    rerun(at)
+    at.slider(key="inspect_window").set_value(1000)
+    page = rerun(at)
+    assert "characters 1000 to 1119 of 1120" in page
+    at.text_area(key="inspect_text").set_value("the time machine is a novel " * 6)  # 168 characters
+    page = rerun(at)
+    start, end = map(int, re.search(r"characters (\d+) to (\d+) of 168;", page).groups())
+    assert 0 <= start <= 48 and end == start + 119  # a full window inside the text
+    guesses = next(h.value for h in at.html if "width:46px" in h.value)
+    assert guesses.count("width:46px") == 120  # a full window of characters, not an empty one
