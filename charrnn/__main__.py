@@ -17,7 +17,7 @@ import time
 
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, make_metadata, resolve, save_checkpoint
+from .checkpoint import CheckpointError, check_writable, list_checkpoints, load_checkpoint, make_metadata, resolve, save_checkpoint
 from .data import PREPROCESSING, SAMPLERS, CorpusError, load_corpus
 from .device import DEVICES
 from .generate import MAX_LENGTH, check_sampling, generate
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=20)
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--peer", default=None, help="path to the d2l_baseline.py harness, to run it alongside")
+    b.add_argument("--peer-python", default=None, help="the Python that has d2l installed (default: this one)")
     b.add_argument("--json", action="store_true")
     return p
 
@@ -93,6 +94,8 @@ def cmd_train(args) -> None:
         sampling=args.sampling, max_tokens=args.max_tokens, optimizer=args.optimizer, seed=args.seed,
         device=args.device, fused=not args.reference)
     save_path = resolve(args.save) if args.save else None
+    if save_path is not None:
+        check_writable(save_path)
     corpus = load_corpus(args.corpus, args.preprocessing, config.max_tokens, args.val_tokens)
     trainer = Trainer(config, corpus)
     command = "python -m charrnn " + shlex.join(sys.argv[1:])

@@ -122,6 +122,17 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -
     return path
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, before hours of training, when `path` cannot be written."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".charrnn-check"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"Cannot write a checkpoint in {folder} ({e.strerror}).") from None
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The charrnn metadata of a checkpoint file, checked; CheckpointError with one sentence if unusable."""
     path = Path(path)

@@ -135,6 +135,14 @@ class LayerExample:
 LAYER_CLASSES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
+def layer_code(kind: str, vocab_size: int, hidden_size: int, num_layers: int = 1,
+               bidirectional: bool = False) -> str:
+    """How the seed would write the layer: nn.LSTM(28, 256, num_layers=2, bidirectional=True)."""
+    extra = "".join([f", num_layers={num_layers}" if num_layers != 1 else "",
+                     ", bidirectional=True" if bidirectional else ""])
+    return f"nn.{LAYER_CLASSES[kind].__name__}({vocab_size}, {hidden_size}{extra})"
+
+
 @one_thread
 @torch.no_grad()
 def layer_example(kind: str = "rnn", vocab_size: int = 28, hidden_size: int = 256, num_layers: int = 1,
@@ -152,10 +160,8 @@ def layer_example(kind: str = "rnn", vocab_size: int = 28, hidden_size: int = 25
     zeros = torch.zeros(D * num_layers, batch, hidden_size)     # (D*layers, batch, hidden)
     state = (zeros, zeros.clone()) if kind == "lstm" else zeros
     Y, new_state = layer(X, state)                              # Y: (steps, batch, D*hidden)
-    extra = "".join([f", num_layers={num_layers}" if num_layers != 1 else "",
-                     ", bidirectional=True" if bidirectional else ""])
     what, shapes = describe_state(new_state)
-    return LayerExample(code=f"nn.{cls.__name__}({vocab_size}, {hidden_size}{extra})",
+    return LayerExample(code=layer_code(kind, vocab_size, hidden_size, num_layers, bidirectional),
                         X_shape=shape_of(X), Y_shape=shape_of(Y), state_what=what, state_shapes=shapes)
 
 

@@ -14,9 +14,11 @@ from plotly.subplots import make_subplots
 
 from charrnn import inspection as ins
 from charrnn.checkpoint import DEFAULT_NAME, SUFFIX, CheckpointError, checkpoint_dir, read_metadata
-from charrnn.data import Vocab
+from charrnn.data import Vocab, printable
 from charrnn.models import ModelConfig
-from pages.common import model_picker
+from pages.common import model_picker, through_router
+
+through_router()
 
 SEED_TEXT = ("the time traveller for so it will be convenient to speak of him was expounding "
              "a recondite matter to us")
@@ -35,11 +37,6 @@ def fmt(shape) -> str:
 def md(text: str) -> str:
     """Plain text for a Markdown table cell: no emphasis from * or _ (W_xh, D*hidden)."""
     return text.replace("*", "\\*").replace("_", "\\_")
-
-
-def show(c: str) -> str:
-    """A character as a label: space, newline and tab made visible."""
-    return {" ": "␣", "\n": "⏎", "\t": "⇥"}.get(c, c)
 
 
 def seed_vocab() -> Vocab:
@@ -76,10 +73,12 @@ with tab_example:
     c1, c2, c3, c4, c5, c6 = st.columns([1, 1, 1.4, 1, 1, 1.3], vertical_alignment="bottom")
     batch = c1.number_input("Batch size", 1, 64, 2, key="inspect_batch", persist_state="session")
     steps = c2.number_input("Steps", 1, 64, 5, key="inspect_steps", persist_state="session")
-    kind = c3.selectbox("Model", list(KIND_LABELS), format_func=KIND_LABELS.get, key="inspect_kind", persist_state="session",
+    kind = c3.selectbox("Model", list(KIND_LABELS), format_func=KIND_LABELS.get, key="inspect_kind",
+                        persist_state="session",
                         help="scratch: the seed's RNNModelScratch with explicit W_xh, W_hh, b_h, W_hq, b_q; "
                              "the others: the seed's concise RNNModel over a torch.nn layer.")
-    hidden = c4.number_input("Hidden size", 1, MAX_PAGE_HIDDEN, 512, key="inspect_hidden", persist_state="session")
+    hidden = c4.number_input("Hidden size", 1, MAX_PAGE_HIDDEN, 512, key="inspect_hidden",
+                             persist_state="session")
     layers = c5.number_input("Layers", 1, 3, 1, key="inspect_layers", persist_state="session")
     bidirectional = c6.toggle("Bidirectional", key="inspect_bidir", persist_state="session")
     vocab = seed_vocab()
@@ -115,10 +114,11 @@ with tab_example:
     st.subheader("Through the model")
     model = ins.demo_model(config)
     fw = ins.forward_shapes(model, ex.X)
-    name = ("RNNModelScratch" if kind == "scratch" else f"RNNModel(nn.{ins.LAYER_CLASSES[kind].__name__})")
-    lines = [f"net = {name}(vocab={V}, hidden={hidden}"
-             + (f", layers={layers}" if layers > 1 else "") + (", bidirectional" if bidirectional else "")
-             + ")   # untrained: only shapes matter",
+    if kind == "scratch":
+        net = f"RNNModelScratch(vocab_size={V}, num_hiddens={hidden})"
+    else:
+        net = f"RNNModel({ins.layer_code(kind, V, int(hidden), int(layers), bool(bidirectional))}, vocab_size={V})"
+    lines = [f"net = {net}   # untrained: only the shapes matter",
              f"state = net.begin_state({batch})",
              "Y, new_state = net(X, state)",
              f"Y.shape              # {fmt(fw.Y_shape)}"]
@@ -149,8 +149,10 @@ with tab_example:
     st.caption("The seed's `nn.RNN(28, 256)` on `torch.rand(35, 32, 28)`: the recurrent layer without "
                "the output layer.")
     d1, d2, d3, d4, d5, d6 = st.columns([1.4, 1, 1, 1, 1, 1.3], vertical_alignment="bottom")
-    l_kind = d1.selectbox("Layer", ["rnn", "gru", "lstm"], format_func=KIND_LABELS.get, key="inspect_layer_kind", persist_state="session")
-    l_hidden = d2.number_input("Hidden size", 1, MAX_PAGE_HIDDEN, 256, key="inspect_layer_hidden", persist_state="session")
+    l_kind = d1.selectbox("Layer", ["rnn", "gru", "lstm"], format_func=KIND_LABELS.get,
+                          key="inspect_layer_kind", persist_state="session")
+    l_hidden = d2.number_input("Hidden size", 1, MAX_PAGE_HIDDEN, 256, key="inspect_layer_hidden",
+                               persist_state="session")
     l_layers = d3.number_input("Layers", 1, 3, 1, key="inspect_layer_layers", persist_state="session")
     l_batch = d4.number_input("Batch size", 1, 64, 32, key="inspect_layer_batch", persist_state="session")
     l_steps = d5.number_input("Steps", 1, 64, 35, key="inspect_layer_steps", persist_state="session")
@@ -181,9 +183,10 @@ with tab_trace:
              hide_index=True)
     st.subheader("Parameters")
     params = ins.parameter_table(model)
-    st.table(pd.DataFrame({"name": [md(r.name) for r in params.rows], "shape": [fmt(r.shape) for r in params.rows],
-                           "count": [f"{r.count:,}" for r in params.rows], "role": [md(r.role) for r in params.rows]}),
-             hide_index=True)
+    st.table(pd.DataFrame({"name": [md(r.name) for r in params.rows],
+                           "shape": [fmt(r.shape) for r in params.rows],
+                           "count": [f"{r.count:,}" for r in params.rows],
+                           "role": [md(r.role) for r in params.rows]}), hide_index=True)
     st.markdown(f"**Total: {params.total:,} parameters** (= `sum(p.numel() for p in net.parameters())`).")
 
 # ---- the concatenation identity -----------------------------------------------
@@ -237,12 +240,13 @@ with tab_inside:
         n = len(reading.chars)
         start = 0
         if n > WINDOW:
-            start = st.slider("Heatmaps from character", 0, n - WINDOW, 0, key="inspect_window", persist_state="session")
+            start = st.slider("Heatmaps from character", 0, n - WINDOW, 0, key="inspect_window",
+                              persist_state="session")
             start = min(start, n - WINDOW)  # a value kept from a longer text
             st.caption(f"The heatmaps, the guesses and the loss strip show characters {start} to "
                        f"{start + WINDOW - 1} of {n}; the coloured text below shows all of them.")
         window = range(start, min(start + WINDOW, n))
-        xs, ticks = list(window), [show(reading.chars[i]) for i in window]
+        xs, ticks = list(window), [printable(reading.chars[i]) for i in window]
 
         def char_axis(fig: go.Figure) -> go.Figure:
             fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=ticks, tickangle=0,
@@ -253,14 +257,16 @@ with tab_inside:
         V_text = len(picked.vocab)
         onehot = [[1 if reading.ids[i] == v else 0 for i in window] for v in range(V_text)]
         token_labels = [picked.vocab.label(v) for v in range(V_text)]
-        fig = go.Heatmap(z=onehot, x=xs, y=list(range(V_text)), showscale=False, customdata=[[t] * len(xs) for t in token_labels],
+        fig = go.Heatmap(z=onehot, x=xs, y=list(range(V_text)), showscale=False,
+                         customdata=[[t] * len(xs) for t in token_labels],
                          colorscale=[[0, "#f4f4f4"], [1, "#1f77b4"]], xgap=1, ygap=1,
                          hovertemplate="token %{customdata}<extra></extra>")
         fig = char_axis(go.Figure(fig))
         # every token labelled (plotly would drop every other label of a crowded category axis)
         fig.update_yaxes(tickmode="array", tickvals=list(range(V_text)), ticktext=token_labels,
                          autorange="reversed", tickfont=dict(size=10))
-        st.plotly_chart(small_layout(fig, 100 + 14 * min(V_text, 100)), width="stretch", key="inspect_text_onehot")
+        st.plotly_chart(small_layout(fig, 100 + 14 * min(V_text, 100)), width="stretch",
+                        key="inspect_text_onehot")
 
         st.subheader("Hidden state over the text")
         order = ins.units_by_variance(reading.hidden)
@@ -283,7 +289,7 @@ with tab_inside:
                             key="inspect_unit", persist_state="session")
         acts = reading.hidden[:, unit].tolist()
         spans = "".join(
-            f'<span title="{html.escape(show(c))}: {a:+.2f}" style="background:{activation_colour(a)};'
+            f'<span title="{html.escape(printable(c))}: {a:+.2f}" style="background:{activation_colour(a)};'
             f'padding:1px 0;">{html.escape(c) if c != chr(10) else "⏎<br>"}</span>'
             for c, a in zip(reading.chars, acts))
         st.html(f'<div style="font-family:monospace;font-size:15px;line-height:1.9;white-space:pre-wrap;'
@@ -293,7 +299,7 @@ with tab_inside:
                 '&nbsp;−1&nbsp;</span> <span style="background:#fff">&nbsp;0&nbsp;</span> '
                 f'<span style="background:{activation_colour(1)};color:#fff">&nbsp;+1&nbsp;</span></div>')
         profile = ins.unit_profile(reading, unit)
-        fmt_profile = lambda rows: ", ".join(f"'{show(c)}' {m:+.2f} (×{k})" for c, m, k in rows)
+        fmt_profile = lambda rows: ", ".join(f"'{printable(c)}' {m:+.2f} (×{k})" for c, m, k in rows)
         st.markdown(f"Unit {unit} is highest after {fmt_profile(profile[:5])}; lowest after "
                     f"{fmt_profile(profile[::-1][:5])}.")
 
@@ -303,14 +309,14 @@ with tab_inside:
         cells = []
         for i in window:
             p = reading.p_next[i]
-            guesses = "".join(f'<div style="color:#555">{html.escape(show(tok))} {prob:.2f}</div>'
+            guesses = "".join(f'<div style="color:#555">{html.escape(printable(tok))} {prob:.2f}</div>'
                               for tok, prob in reading.top[i])
             actual = ("" if p is None else
-                      f'<div title="p(next = {html.escape(show(reading.chars[i + 1]))})" style="font-weight:600;'
+                      f'<div title="p(next = {html.escape(printable(reading.chars[i + 1]))})" style="font-weight:600;'
                       f'color:{"#1a7f37" if p >= 0.5 else "#b35900" if p >= 0.1 else "#c62828"}">{p:.2f}</div>')
             cells.append('<div style="display:inline-block;vertical-align:top;width:46px;margin:0 2px 8px 0;'
                          'font-family:monospace;font-size:11px;text-align:center;border-left:1px solid #ddd;">'
-                         f'<div style="font-size:16px;font-weight:700">{html.escape(show(reading.chars[i]))}</div>'
+                         f'<div style="font-size:16px;font-weight:700">{html.escape(printable(reading.chars[i]))}</div>'
                          f'{guesses}{actual}</div>')
         st.html('<div style="line-height:1.3">' + "".join(cells) + "</div>")
         st.caption("Under each character: the model's three likeliest next characters after reading up to "
@@ -346,7 +352,8 @@ with tab_ppl:
             "": ["uniform guessing", "perfect model", "this text"],
             "probability of the right character": [f"1/{pn.uniform:.0f} = {1 / pn.uniform:.3f}", "1",
                                                    f"{math.exp(-pn.actual_loss):.3f} (geometric mean)"],
-            "loss = −log p (nats)": [f"log {pn.uniform:.0f} = {pn.uniform_loss:.3f}", "0", f"{pn.actual_loss:.3f} (mean)"],
+            "loss = −log p (nats)": [f"log {pn.uniform:.0f} = {pn.uniform_loss:.3f}", "0",
+                                     f"{pn.actual_loss:.3f} (mean)"],
             "perplexity = exp(loss)": [f"{pn.uniform:.0f}", "1", f"{pn.actual:.2f}"]}), hide_index=True)
         st.markdown(
             f"Perplexity is exp(mean loss per character). A model that spreads its bets evenly over the "

@@ -85,3 +85,23 @@ def test_divergence_exits_1_and_keeps_the_last_good_model(ckpt_dir):
             "--save", "diverged", "--json")
     assert r.returncode == 1 and "diverged" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00binary", "binary"),
+    (b"na\xefve caf\xe9", "not UTF-8"),
+    (b"too short for a batch " * 10, "fewer than one batch"),
+])
+def test_bad_own_corpus(tmp_path, payload, message):
+    path = tmp_path / "mine.txt"
+    path.write_bytes(payload)
+    r = cli("train", "--corpus", str(path), "--epochs", "1")
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_unwritable_save_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = cli("train", "--epochs", "500", "--save", str(blocker / "model.safetensors"))
+    assert r.returncode == 2 and "Cannot write" in r.stderr and "epoch" not in r.stderr

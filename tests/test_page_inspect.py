@@ -60,7 +60,8 @@ def test_the_seeds_worked_example(at):
     ("scratch", ["len(new_state)       # 1", "new_state[0].shape   # (3, 512)"]),
     ("rnn", ["new_state.shape      # (1, 3, 512)"]),
     ("gru", ["new_state.shape      # (1, 3, 512)"]),
-    ("lstm", ["len(new_state)       # 2", "new_state[0].shape   # (1, 3, 512)", "new_state[1].shape   # (1, 3, 512)"]),
+    ("lstm", ["len(new_state)       # 2", "new_state[0].shape   # (1, 3, 512)",
+              "new_state[1].shape   # (1, 3, 512)"]),
 ])
 def test_every_kind_and_the_shapes_follow(at, kind, state_lines):
     before = text_of(at)
@@ -87,6 +88,7 @@ def test_bidirectional_layers_and_bad_combinations(at):
     at.selectbox(key="inspect_kind").set_value("lstm")
     page = rerun(at)
     assert not any("one unidirectional layer" in i.value for i in at.info)
+    assert "net = RNNModel(nn.LSTM(28, 512, num_layers=2, bidirectional=True), vocab_size=28)" in page
     assert "new_state[0].shape   # (4, 2, 512)" in page  # directions × layers = 4
     assert at.table[0].value.loc[lambda t: t["stage"] == "outputs stacked", "shape"].item() == "(5, 2, 1024)"
 

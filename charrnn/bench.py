@@ -1,0 +1,145 @@
+"""Benchmark: training speed and quality of the fused path against the seed's step-by-step loop
+(and the d2l package itself, when its harness is given), plus generation latency.
+
+    python -m charrnn bench --models scratch,rnn --epochs 20 --rounds 3
+    python -m charrnn bench --peer ../shared/bench/d2l_baseline.py --peer-python .peer-venv/bin/python
+
+Each measurement is a fresh `python -m charrnn train --json` process (or the peer's), run in
+turn, round after round, so that a noisy machine hurts every side alike; the table shows medians.
+The limit is what this CPU's matmul rate allows: (batch, hidden) @ (hidden, hidden) in fp32 is
+timed here, and one token costs 6 * (hidden^2 + hidden * vocab) FLOPs (forward, and backward for
+inputs and weights). Everything runs in fp32. Benchmarks report; they never pass or fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DEFAULT_NAME, checkpoint_dir, load_checkpoint
+from .generate import generate
+from .models import DEFAULT_HIDDEN
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 28
+
+
+def matmul_gflops(rows: int, hidden: int, seconds: float = 1.0) -> float:
+    """Measured fp32 rate of (rows, hidden) @ (hidden, hidden) on this machine, in GFLOP/s."""
+    a, w = torch.randn(rows, hidden), torch.randn(hidden, hidden)
+    out = torch.empty(rows, hidden)
+    for _ in range(50):
+        torch.mm(a, w, out=out)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(100):
+            torch.mm(a, w, out=out)
+        n += 100
+    return 2 * rows * hidden * hidden * n / (time.perf_counter() - t0) / 1e9
+
+
+def limit_tokens_per_s(hidden: int, batch: int = 32) -> tuple[float, float]:
+    """(tokens/s the matmul rate allows, the rate in GFLOP/s) for a one-layer tanh RNN."""
+    rate = matmul_gflops(batch, hidden)
+    flops_per_token = 6 * (hidden * hidden + hidden * VOCAB)
+    return rate * 1e9 / flops_per_token, rate
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run one training process; its last stdout line is JSON. Adds its peak resident memory."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)          # wait4: this child's own rusage
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read().strip()
+    if proc.returncode:
+        last = stderr.splitlines()[-1] if stderr else f"exit status {proc.returncode}"
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {last}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024)  # ru_maxrss is in KiB on Linux
+    return result
+
+
+def ours(model: str, epochs: int, reference: bool) -> dict:
+    cmd = [sys.executable, "-m", "charrnn", "train", "--model", model, "--epochs", str(epochs),
+           "--json", "--quiet"] + (["--reference"] if reference else [])
+    return run_child(cmd)
+
+
+def peer(harness: str, python: str, model: str, epochs: int) -> dict:
+    which = "scratch" if model == "scratch" else "concise"
+    result = run_child([python, harness, str(epochs), which, "sequential"])
+    return result
+
+
+def generation_ms(length: int = 500, repeats: int = 5) -> float | None:
+    """Median time to generate `length` characters greedily from the shipped checkpoint."""
+    path = checkpoint_dir() / f"{DEFAULT_NAME}.safetensors"
+    if not path.exists():
+        return None
+    loaded = load_checkpoint(path)
+    generate(loaded.model, loaded.vocab, "time traveller", 20)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(loaded.model, loaded.vocab, "time traveller", length)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def main(args) -> None:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    sides = ["fused", "reference"] + (["d2l"] if args.peer else [])
+    peer_python = args.peer_python or sys.executable
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for model in models:
+            for side in sides:
+                if side == "d2l" and model not in ("scratch", "rnn"):
+                    continue
+                if side == "d2l":
+                    res = peer(args.peer, peer_python, model, args.epochs)
+                else:
+                    res = ours(model, args.epochs, reference=side == "reference")
+                results.setdefault((model, side), []).append(res)
+                print(f"round {r + 1} {model:<8} {side:<9} {res['tokens_per_s']:>9,.0f} tokens/s  "
+                      f"ppl {res['perplexity']:.3f}", file=sys.stderr, flush=True)
+    rows = []
+    for model in models:
+        hidden = DEFAULT_HIDDEN[model]
+        limit, rate = limit_tokens_per_s(hidden)
+        base = results.get((model, "d2l")) or results[(model, "reference")]
+        base_tps = statistics.median(x["tokens_per_s"] for x in base)
+        for side in sides:
+            runs = results.get((model, side))
+            if not runs:
+                continue
+            tps = statistics.median(x["tokens_per_s"] for x in runs)
+            rows.append({
+                "model": model, "hidden": hidden, "side": side, "precision": "fp32", "epochs": args.epochs,
+                "tokens_per_s": round(tps), "vs_baseline": round(tps / base_tps, 2),
+                "perplexity": round(statistics.median(x["perplexity"] for x in runs), 4),
+                "limit_tokens_per_s": round(limit), "fraction_of_limit": round(tps / limit, 3),
+                "matmul_gflops": round(rate, 1),
+                "peak_rss_mb": max((x.get("peak_rss_mb") or 0) for x in runs) or None,
+                "rounds": len(runs)})
+    gen = generation_ms()
+    baseline = "d2l" if args.peer else "reference"
+    print(f"\nbaseline: {baseline} (the ratio column); {args.rounds} rounds of {args.epochs} epochs, medians; fp32")
+    print(f"{'model':<8} {'side':<10} {'tokens/s':>10} {'ratio':>6} {'ppl':>8} {'limit':>9} {'of limit':>8} {'peak MB':>8}")
+    for row in rows:
+        print(f"{row['model']:<8} {row['side']:<10} {row['tokens_per_s']:>10,} {row['vs_baseline']:>6.2f} "
+              f"{row['perplexity']:>8.3f} {row['limit_tokens_per_s']:>9,} {row['fraction_of_limit']:>8.0%} "
+              f"{row['peak_rss_mb'] or 0:>8.0f}")
+    if gen is not None:
+        print(f"generation: 500 characters greedily from the shipped checkpoint in {gen:.1f} ms")
+    print(json.dumps({"rows": rows, "generation_500_ms": gen and round(gen, 1), "baseline": baseline,
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))

@@ -1,0 +1,95 @@
+"""Background training jobs: one at a time, prompt stop, errors kept as sentences, compact history."""
+import threading
+import time
+
+import pytest
+
+from charrnn.checkpoint import load_checkpoint
+from charrnn.jobs import JobBusy, JobRegistry
+from charrnn.train import TrainConfig
+
+SMALL = dict(model="rnn", hidden_size=32)
+
+
+@pytest.fixture
+def registry():
+    reg = JobRegistry(keep=3)
+    yield reg
+    reg.stop_all()
+
+
+def wait_for(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_one_job_at_a_time_and_stop_within_a_second(registry, corpus):
+    job = registry.start(TrainConfig(**SMALL, epochs=100_000), corpus)
+    assert wait_for(lambda: job.snapshot().epoch >= 2)
+    with pytest.raises(JobBusy, match="already training"):
+        registry.start(TrainConfig(**SMALL, epochs=5), corpus)
+    threads_during = threading.active_count()
+    t0 = time.monotonic()
+    job.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert not job.alive and threading.active_count() == threads_during - 1   # the worker is gone
+    snap = job.snapshot()
+    assert snap.status == "stopped" and snap.epoch >= 2 and snap.eta_s is None
+    assert len(snap.columns["epoch"]) == snap.epoch + 1                      # epoch 0 included
+    assert snap.samples[0][0] == 0                                          # the untrained sample
+
+
+def test_finished_job_saves_and_reloads(registry, corpus, ckpt_dir):
+    job = registry.start(TrainConfig(**SMALL, epochs=3), corpus)
+    job.join(60)
+    snap = job.snapshot()
+    assert snap.status == "finished" and snap.epoch == 3 and snap.last("train_ppl") < 28
+    path = job.save("job-test")
+    loaded = load_checkpoint(path)
+    assert loaded.meta["metrics"]["epochs"] == 3
+    assert loaded.meta["command"].startswith("python -m charrnn train --corpus timemachine")
+    assert "--hidden 32" in loaded.meta["command"] and snap.saved == [] and job.snapshot().saved == [path]
+
+
+def test_saving_a_running_job_is_refused(registry, corpus, ckpt_dir):
+    job = registry.start(TrainConfig(**SMALL, epochs=100_000), corpus)
+    with pytest.raises(JobBusy, match="Stop the run"):
+        job.save("too-early")
+
+
+def test_errors_in_the_worker_become_one_sentence(registry, corpus, monkeypatch):
+    job = registry.start(TrainConfig(**SMALL, lr=1e30, clip=0, epochs=50), corpus)
+    job.join(60)
+    snap = job.snapshot()
+    assert snap.status == "failed" and "diverged" in snap.error and "\n" not in snap.error
+
+    job = registry.start(TrainConfig(**SMALL, epochs=50), corpus)
+    job.join(0.1)
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(job.trainer, "train_epoch", boom)
+    job.join(60)
+    snap = job.snapshot()
+    assert snap.status == "failed" and "disk on fire" in snap.error
+
+
+def test_bad_settings_raise_in_the_caller_and_start_nothing(registry, corpus):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        registry.start(TrainConfig(**SMALL, batch_size=4096, num_steps=35, epochs=1), corpus)
+    assert registry.jobs() == []
+
+
+def test_old_ended_runs_are_forgotten(registry, corpus):
+    for _ in range(5):
+        registry.start(TrainConfig(**SMALL, epochs=1), corpus).join(60)
+    assert len(registry.jobs()) <= 4
+
+
+def test_history_is_compact(registry, corpus):
+    job = registry.start(TrainConfig(**SMALL, epochs=3), corpus)
+    job.join(60)
+    assert all(a.typecode == "d" for a in job.columns.values())  # 8 bytes a value, not dicts
