@@ -6,6 +6,8 @@ charrnn.jobs; the pages only draw widgets and charts and call the core.
 import streamlit as st
 import torch
 
+from pages.common import routed
+
 # torch's thread count is per thread. Script threads do only small tensor work; keeping them at
 # one thread stops their idle OpenMP workers from competing with a training job's threads (with
 # them, training in the background thread ran at a fraction of the CLI's speed).
@@ -19,4 +21,5 @@ pages = [
     st.Page("pages/generate.py", title="Generate", icon=":material/edit_note:"),
     st.Page("pages/inspect.py", title="Inspect", icon=":material/biotech:"),
 ]
-st.navigation(pages).run()
+with routed():
+    st.navigation(pages).run()

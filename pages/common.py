@@ -2,6 +2,9 @@
 model picker of Generate and Inspect. Streamlit code only; the work happens in charrnn."""
 from __future__ import annotations
 
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +19,32 @@ from charrnn.models import ModelConfig, build_model
 UNTRAINED = "Untrained scratch RNN (random weights)"
 
 
+_thread = threading.local()  # script runs happen on script threads, one run at a time each
+
+
+@contextmanager
+def routed():
+    """app.py runs the chosen page inside this, so the page knows it came through the router."""
+    _thread.routed = True
+    try:
+        yield
+    finally:
+        _thread.routed = False
+
+
 def through_router() -> None:
     """Make sure the page runs inside app.py's st.navigation.
 
     Streamlit sees the pages/ folder beside app.py and, until some session has run st.navigation,
     serves a deep link such as /train as a page of its own (old-style multipage app, without
-    app.py). Each page calls this first: in that case it hands over to app.py, which then routes
-    the same URL to the same page.
+    app.py). Each page calls this first: in that case it switches Streamlit to app.py's routing
+    and reruns, and app.py then routes the same URL to the same page.
     """
+    if getattr(_thread, "routed", False) or "streamlit.testing.v1" in sys.modules:
+        return  # AppTest resets Streamlit's routing before every run and runs pages directly
     from streamlit.runtime.pages_manager import PagesManager
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
-        st.rerun()
+    PagesManager.uses_pages_directory = False
+    st.rerun()
 
 
 @st.cache_resource

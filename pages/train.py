@@ -132,10 +132,11 @@ def perplexity_figure(snaps: list[Snapshot]) -> go.Figure:
         x, y = thin(ep, s.columns["val_ppl"])
         fig.add_scatter(x=x, y=y, name=f"{s.label} · validation", line=dict(color=color, dash="dot"),
                         mode="lines")
-    fig.add_hline(y=vocab, line_dash="dash", line_color="gray",
-                  annotation_text=f"uniform guess = vocab size ({vocab})", annotation_position="top left")
-    fig.add_hline(y=1, line_dash="dash", line_color="green", annotation_text="perfect = 1",
-                  annotation_position="bottom left")
+    # reference lines; their labels are placed by hand (on a log axis, y is in decades)
+    for y, text, color in [(vocab, f"uniform guess = vocab size ({vocab})", "gray"), (1, "perfect = 1", "green")]:
+        fig.add_hline(y=y, line_dash="dash", line_color=color)
+        fig.add_annotation(x=0, xref="paper", y=math.log10(y), yref="y", text=text, showarrow=False,
+                           xanchor="left", yanchor="bottom", font=dict(color=color, size=11))
     fig.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="epoch",
                       yaxis_title="perplexity (log)", legend=dict(orientation="h", y=-0.2),
                       uirevision="ppl")
@@ -151,8 +152,10 @@ def grad_figure(s: Snapshot) -> go.Figure:
     fig.add_scatter(x=ep, y=s.columns["grad_norm_max"][1:], name="max ‖g‖", mode="lines",
                     line=dict(dash="dot"))
     if s.config.clip > 0:
-        fig.add_hline(y=s.config.clip, line_dash="dash", line_color="red",
-                      annotation_text=f"θ = {s.config.clip:g}: above it, clipping bites")
+        fig.add_hline(y=s.config.clip, line_dash="dash", line_color="red")
+        fig.add_annotation(x=1, xref="paper", y=math.log10(s.config.clip), yref="y", showarrow=False,
+                           text=f"θ = {s.config.clip:g}: above it, clipping bites", xanchor="right",
+                           yanchor="bottom", font=dict(color="red", size=11))
     fig.update_layout(height=220, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="epoch",
                       yaxis_title="gradient norm before clipping", uirevision="grad",
                       legend=dict(orientation="h", y=-0.35))

@@ -116,7 +116,9 @@ def test_train_start_watch_stop(page, server):
     # the chart appears and grows while the run trains
     chart = page.locator("[data-testid=stPlotlyChart]").first
     expect(chart).to_be_visible(timeout=60_000)
-    expect(page.get_by_text("epoch 3 /")).to_be_visible(timeout=60_000)
+    page.wait_for_function(  # the progress line reads "... — epoch N / 300 · ..." with N >= 3
+        "() => { const m = document.body.innerText.match(/epoch (\\d+) \\/ 300/); return m && +m[1] >= 3; }",
+        timeout=60_000)
     page.wait_for_timeout(1500)
     shot(page, "train")
     progress = page.get_by_test_id("stProgress").inner_text()
@@ -143,5 +145,8 @@ def test_inspect(page, server):
     open_page(page, server, "inspect")
     expect(page.get_by_role("heading", name="Inspect")).to_be_visible()
     expect(page.get_by_text("(5, 2, 28)").first).to_be_visible()
+    expect(page.locator("[data-testid=stPlotlyChart]").first).to_be_visible()
+    expect(page.get_by_text("(10, 28)").first).to_be_attached()
+    page.wait_for_timeout(1000)                      # let the heatmaps paint
     shot(page, "inspect")
     no_traceback(page)
