@@ -131,7 +131,7 @@ def cmd_train(args) -> None:
         "perplexity": round(last.train_ppl, 4) if last else None,
         "val_perplexity": round(last.val_ppl, 4) if last and last.val_ppl else None,
         "tokens_per_s": round(trainer.tokens_per_s), "wall_s": round(wall, 2),
-        "sample": trainer.sample(), "fused": config.fused, "lr": config.lr, "seed": config.seed,
+        "sample": trainer.sample(), "fused": config.fused, "precision": "fp32", "lr": config.lr, "seed": config.seed,
         "checkpoint": str(saved) if saved else None,
     }
     if args.json:

@@ -10,7 +10,7 @@ and splits it in two, so the Inspect page can look at the hidden states themselv
     Hs, state = model.features(X, state)    Hs: (steps, batch, directions*hidden), top layer
     Y = model.head(Hs)                      Y:  (steps*batch, vocab)
 
-`fused=True` (the default) runs the tanh recurrence through `tanh_recurrence`, one autograd op
+`fused=True` (the default) runs each tanh layer through `tanh_rnn_layer`, one autograd op
 with a hand-written backward; `fused=False` runs the seed's loop over one-hot inputs step by step.
 Both give the same outputs and gradients (tests/test_models.py holds them to it).
 """
@@ -57,48 +57,70 @@ class ModelConfig:
 # -----------------------------------------------------------------------------
 # the fused recurrence
 
-class TanhRecurrence(torch.autograd.Function):
-    """H_t = tanh(XW_t + H_{t-1} @ W) for every step t, as one autograd op.
+class TanhRNNLayer(torch.autograd.Function):
+    """A whole tanh RNN layer as one autograd op, the way cuDNN runs one:
 
-    Autograd through the step loop records ~4 ops per step and runs the weight gradient as
-    `steps` small matmuls. Here the backward walks the steps once for dH (one (batch, h) @ (h, h)
-    matmul per step) and then gets dW with one large (h, steps*batch) @ (steps*batch, h) matmul,
-    the way cuDNN does.
+        A_t = x_t W_in + b + H_{t-1} W,   H_t = tanh(A_t)     for t = 0 .. steps-1
+
+    x_t is a token id (layer 0: x_t W_in is row x_t of W_in, a lookup instead of a one-hot matmul)
+    or a feature vector (deeper layers). Autograd through the step loop would record ~6 ops per
+    step and run the weight gradient as `steps` small matmuls; here the forward and backward loops
+    are two ops per step on views made once, and the gradients of W_in, b and W are each one
+    large op over all steps. At these sizes per-op overhead is a good part of the time.
     """
 
     @staticmethod
-    def forward(ctx, XW, H0, W):
-        # XW: (steps, batch, h) input projections with the bias; H0: (batch, h); W: (h, h)
-        Hs = torch.empty_like(XW)                        # (steps, batch, h)
+    def forward(ctx, X, W_in, b, H0, W):
+        # X: (steps, batch) int64 ids or (steps, batch, in) floats; W_in: (vocab or in, h)
+        # b: (h,); H0: (batch, h); W: (h, h)
+        steps, batch = X.shape[:2]
+        h = W.shape[0]
+        if X.dtype == torch.long:
+            A = W_in.contiguous().index_select(0, X.reshape(-1))  # (steps*batch, h), fresh
+        else:
+            A = X.reshape(steps * batch, -1) @ W_in              # (steps*batch, h)
+        Hs = A.view(steps, batch, h).add_(b)                     # becomes H in place
+        W = W.contiguous()                                       # a transposed view: ~30% slower mm
         H = H0
-        for t in range(XW.shape[0]):
-            torch.addmm(XW[t], H, W, out=Hs[t])          # (batch, h)
-            H = Hs[t].tanh_()
-        ctx.save_for_backward(Hs, H0, W)
+        for H_t in Hs.unbind(0):
+            H = H_t.addmm_(H, W).tanh_()                         # (batch, h)
+        ctx.save_for_backward(X, W_in, H0, W, Hs)
         return Hs
 
     @staticmethod
     def backward(ctx, dHs):
-        Hs, H0, W = ctx.saved_tensors
+        X, W_in, H0, W, Hs = ctx.saved_tensors
         steps, batch, h = Hs.shape
-        dA = torch.empty_like(Hs)                        # grad at the pre-activations
-        D = 1 - Hs * Hs                                  # tanh' for every step at once
         Wt = W.t().contiguous()
-        carry = torch.zeros_like(H0)                     # grad flowing into H_t from step t+1
+        dA = dHs.clone(memory_format=torch.contiguous_format)  # becomes the grads of A_t
+        dA_t, H_t = dA.unbind(0), Hs.unbind(0)
         for t in range(steps - 1, -1, -1):
-            torch.add(dHs[t], carry, out=dA[t])
-            dA[t].mul_(D[t])
-            carry = dA[t] @ Wt                           # (batch, h)
-        dW = None
-        if ctx.needs_input_grad[2]:
-            H_prev = torch.cat([H0.unsqueeze(0), Hs[:-1]]).reshape(-1, h)  # (steps*batch, h)
-            dW = H_prev.t() @ dA.reshape(-1, h)          # (h, h), one large matmul
-        return dA, carry, dW
+            # dA_t holds the grad reaching H_t (from the loss at t, and from step t+1 below)
+            torch.ops.aten.tanh_backward(dA_t[t], H_t[t], grad_input=dA_t[t])  # * (1 - H_t^2)
+            if t > 0:
+                dA_t[t - 1].addmm_(dA_t[t], Wt)                  # + grad flowing back through W
+        dA2 = dA.view(steps * batch, h)
+        dX = dW_in = db = dH0 = dW = None
+        needs = ctx.needs_input_grad
+        if X.dtype == torch.long:
+            if needs[1]:  # rows of dA summed per token id (index_add_ contends on repeated ids)
+                dW_in = torch.ops.aten.embedding_dense_backward(dA2, X.reshape(-1), W_in.shape[0], -1, False)
+        else:
+            X2 = X.reshape(steps * batch, -1)
+            dX = (dA2 @ W_in.t()).view(X.shape) if needs[0] else None
+            dW_in = X2.t() @ dA2 if needs[1] else None
+        if needs[2]:
+            db = dA2.sum(0)
+        if needs[3]:
+            dH0 = dA_t[0] @ Wt
+        if needs[4]:                                   # sum_t H_{t-1}^T dA_t as one large matmul
+            dW = torch.addmm(H0.t() @ dA_t[0], Hs[:-1].reshape(-1, h).t(), dA[1:].reshape(-1, h))
+        return dX, dW_in, db, dH0, dW
 
 
-def tanh_recurrence(XW: torch.Tensor, H0: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """All hidden states (steps, batch, h) of a tanh RNN layer, given XW = x_t W_xh + b per step."""
-    return TanhRecurrence.apply(XW, H0, W)
+def tanh_rnn_layer(X, W_in, b, H0, W):
+    """All hidden states (steps, batch, h) of a tanh RNN layer; see TanhRNNLayer."""
+    return TanhRNNLayer.apply(X, W_in, b, H0, W)
 
 
 # -----------------------------------------------------------------------------
@@ -124,9 +146,7 @@ class RNNScratch(nn.Module):
 
     def features(self, X, state):
         if self.fused:
-            # one-hot(x_t) @ W_xh is row x_t of W_xh: one lookup for all steps, not `steps` matmuls
-            XW = F.embedding(X.T, self.W_xh) + self.b_h          # (steps, batch, h)
-            Hs = tanh_recurrence(XW, state[0], self.W_hh)         # (steps, batch, h)
+            Hs = tanh_rnn_layer(X.T, self.W_xh, self.b_h, state[0], self.W_hh)  # (steps, batch, h)
             return Hs, (Hs[-1],)
         return self.features_seed(X, state)
 
@@ -186,19 +206,15 @@ class RNNModel(nn.Module):
         return Y, state
 
     def _features_fused(self, X, state):
-        """nn.RNN's own parameters through tanh_recurrence, layer by layer."""
-        finals, Hs = [], None
+        """nn.RNN's own parameters through tanh_rnn_layer, layer by layer."""
+        finals, inputs = [], X.T                                  # layer 0 reads ids (steps, batch)
         for layer in range(self.config.num_layers):
             W_ih = getattr(self.rnn, f"weight_ih_l{layer}")       # (h, in)
             W_hh = getattr(self.rnn, f"weight_hh_l{layer}")       # (h, h)
             b = getattr(self.rnn, f"bias_ih_l{layer}") + getattr(self.rnn, f"bias_hh_l{layer}")
-            if layer == 0:
-                XW = F.embedding(X.T, W_ih.t()) + b               # (steps, batch, h)
-            else:
-                XW = Hs @ W_ih.t() + b                            # (steps, batch, h)
-            Hs = tanh_recurrence(XW, state[layer], W_hh.t())
-            finals.append(Hs[-1])
-        return Hs, torch.stack(finals)                            # state: (layers, batch, h)
+            inputs = tanh_rnn_layer(inputs, W_ih.t(), b, state[layer], W_hh.t())  # (steps, batch, h)
+            finals.append(inputs[-1])
+        return inputs, torch.stack(finals)                        # state: (layers, batch, h)
 
     def head(self, Hs):
         return self.linear(Hs.reshape(-1, Hs.shape[-1]))          # (steps*batch, vocab)

@@ -73,12 +73,14 @@ def test_fused_equals_step_loop(kind, layers):
         torch.testing.assert_close(g1[name], g0[name], msg=name)
 
 
-def test_fused_backward_matches_gradcheck():
-    from charrnn.models import tanh_recurrence
-    XW = torch.randn(4, 2, 3, dtype=torch.double, requires_grad=True)
-    H0 = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
-    W = torch.randn(3, 3, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(tanh_recurrence, (XW, H0, W))
+@pytest.mark.parametrize("ids", [True, False])
+def test_fused_layer_passes_gradcheck(ids):
+    from charrnn.models import tanh_rnn_layer
+    dbl = dict(dtype=torch.double, requires_grad=True)
+    X = torch.tensor([[0, 2], [1, 1], [2, 0], [1, 2]]) if ids else torch.randn(4, 2, 5, **dbl)
+    W_in = torch.randn(3 if ids else 5, 3, **dbl)
+    b, H0, W = torch.randn(3, **dbl), torch.randn(2, 3, **dbl), torch.randn(3, 3, **dbl)
+    assert torch.autograd.gradcheck(tanh_rnn_layer, (X, W_in, b, H0, W))
 
 
 @pytest.mark.parametrize("kind", KINDS)
