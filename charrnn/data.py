@@ -31,7 +31,7 @@ TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 TIMEMACHINE_FILE = "timemachine.txt"
 DATA_ENV = "CHARRNN_DATA"        # a folder with a local copy of timemachine.txt
 OFFLINE_ENV = "CHARRNN_OFFLINE"  # 1: never try the network
-CACHE_DIR = Path(os.environ.get("CHARRNN_CACHE", Path(__file__).resolve().parent.parent / "data"))
+CACHE_DIR = Path(__file__).resolve().parent.parent / "data"  # CHARRNN_CACHE overrides
 MAX_CORPUS_BYTES = 20 * 1024 * 1024  # own texts above this are refused (the app's upload cap too)
 PREPROCESSING = ("seed", "raw")
 
@@ -56,9 +56,10 @@ def _read_verified(path: Path) -> bytes | None:
     return data if sha1_of(data) == TIMEMACHINE_SHA1 else None
 
 
-def fetch_timemachine(cache_dir: Path = CACHE_DIR, url: str = TIMEMACHINE_URL,
+def fetch_timemachine(cache_dir: Path | None = None, url: str = TIMEMACHINE_URL,
                       timeout: float = 30.0) -> bytes:
     """Return the bytes of The Time Machine: local copy, cache, or download (SHA-1 checked)."""
+    cache_dir = Path(cache_dir or os.environ.get("CHARRNN_CACHE") or CACHE_DIR)
     local = os.environ.get(DATA_ENV)
     if local:
         path = Path(local) / TIMEMACHINE_FILE
@@ -67,7 +68,7 @@ def fetch_timemachine(cache_dir: Path = CACHE_DIR, url: str = TIMEMACHINE_URL,
             raise CorpusError(f"{DATA_ENV} points at {local}, but {path} is missing or is not the "
                               f"expected file (SHA-1 {TIMEMACHINE_SHA1}).")
         return data
-    cached = Path(cache_dir) / TIMEMACHINE_FILE
+    cached = cache_dir / TIMEMACHINE_FILE
     data = _read_verified(cached)
     if data is not None:
         return data

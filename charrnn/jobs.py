@@ -68,7 +68,7 @@ class Job:
                  settings: dict | None = None):
         self.trainer = Trainer(config, corpus)             # bad settings raise here, in the caller
         self.id = f"run{next(self._ids)}"
-        self.label = label or default_label(config, self.id)
+        self.label = label or default_label(config, corpus, self.id)
         self.config, self.corpus, self.settings = config, corpus, settings
         self.status, self.error = "running", None
         self.columns = {c: array("d") for c in COLUMNS}
@@ -149,8 +149,9 @@ class Job:
                 f"--clip {c.clip:g} --sampling {c.sampling} --max-tokens {c.max_tokens} --seed {c.seed}")
 
 
-def default_label(config: TrainConfig, job_id: str) -> str:
-    return f"{job_id} · {config.model}-{config.hidden_size} · {config.sampling}"
+def default_label(config: TrainConfig, corpus: Corpus, job_id: str) -> str:
+    text = "" if corpus.name == "timemachine" else f" · {corpus.name}"
+    return f"{job_id} · {config.model}-{config.hidden_size} · {config.sampling}{text}"
 
 
 class JobRegistry:

@@ -150,3 +150,29 @@ def test_inspect(page, server):
     page.wait_for_timeout(1000)                      # let the heatmaps paint
     shot(page, "inspect")
     no_traceback(page)
+
+
+def test_train_on_uploads_bad_and_good(page, server, tmp_path):
+    open_page(page, server, "train")
+    page.get_by_text("Upload a .txt").click()
+    dropzone = page.locator("[data-testid=stFileUploaderDropzoneInput]")
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" + bytes(range(256)) * 4)
+    dropzone.set_input_files(str(binary))
+    expect(page.get_by_text("looks like a binary file")).to_be_visible()
+    short = tmp_path / "short.txt"
+    short.write_text("Far too short to fill one batch.")
+    dropzone.set_input_files(str(short))
+    expect(page.get_by_role("button", name="Start")).to_be_enabled()
+    page.get_by_role("button", name="Start").click()
+    expect(page.get_by_text("fewer than one batch")).to_be_visible()
+    good = tmp_path / "mine.txt"
+    good.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    dropzone.set_input_files(str(good))
+    page.get_by_role("button", name="Start").click()
+    expect(page.get_by_text("· mine.txt —")).to_be_visible(timeout=60_000)   # the run's label names its text
+    expect(page.locator("[data-testid=stPlotlyChart]").first).to_be_visible(timeout=60_000)
+    page.get_by_role("button", name="Stop").click()
+    expect(page.get_by_text("· stopped")).to_be_visible(timeout=10_000)
+    shot(page, "train-upload")
+    no_traceback(page)
