@@ -152,6 +152,14 @@ def test_inspect(page, server):
     no_traceback(page)
 
 
+def settled(page, filename):
+    """The uploader lists `filename` and the rerun its upload causes has finished (the chip shows
+    before the upload ends; a click during that rerun would be overtaken by it)."""
+    expect(page.get_by_test_id("stFileUploader").get_by_text(filename)).to_be_visible()
+    page.wait_for_timeout(1500)
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
+
+
 def test_train_on_uploads_bad_and_good(page, server, tmp_path):
     open_page(page, server, "train")
     page.get_by_text("Upload a .txt").click()
@@ -163,14 +171,16 @@ def test_train_on_uploads_bad_and_good(page, server, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Far too short to fill one batch.")
     dropzone.set_input_files(str(short))
+    settled(page, "short.txt")
     expect(page.get_by_role("button", name="Start")).to_be_enabled()
     page.get_by_role("button", name="Start").click()
     expect(page.get_by_text("fewer than one batch")).to_be_visible()
     good = tmp_path / "mine.txt"
     good.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     dropzone.set_input_files(str(good))
+    settled(page, "mine.txt")
     page.get_by_role("button", name="Start").click()
-    expect(page.get_by_text("· mine.txt —")).to_be_visible(timeout=60_000)   # the run's label names its text
+    expect(page.get_by_text("· mine.txt —")).to_be_visible(timeout=60_000)   # the label names the text   # the run's label names its text
     expect(page.locator("[data-testid=stPlotlyChart]").first).to_be_visible(timeout=60_000)
     page.get_by_role("button", name="Stop").click()
     expect(page.get_by_text("· stopped")).to_be_visible(timeout=10_000)
