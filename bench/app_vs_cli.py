@@ -8,24 +8,19 @@ run ends, Save; tokens/s is read from the saved checkpoint (training time only, 
 """
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.appserver import CHROMIUM_FLAGS, app_server  # noqa: E402
 from charrnn.checkpoint import read_metadata  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
 
 
 def cli_run(epochs: int) -> float:
@@ -59,30 +54,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port)],
-                              cwd=ROOT, env=os.environ | {"CHARRNN_CHECKPOINTS": str(folder)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.3)
     cli, app = [], []
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
-            for r in range(args.rounds):
-                cli.append(cli_run(args.epochs))
-                app.append(app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1))
-                print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s", flush=True)
-            browser.close()
-    finally:
-        server.terminate()
+    with app_server({"CHARRNN_CHECKPOINTS": str(folder)}) as (_, url), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
+        for r in range(args.rounds):
+            cli.append(cli_run(args.epochs))
+            app.append(app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1))
+            print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s", flush=True)
+        browser.close()
     c, a = statistics.median(cli), statistics.median(app)
     print(json.dumps({"epochs": args.epochs, "cli_tokens_per_s": c, "app_tokens_per_s": a,
                       "app_over_cli": round(a / c, 3)}))

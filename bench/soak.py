@@ -7,20 +7,16 @@ Prints one line per sample and a JSON summary. It reports; it does not pass or f
 """
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.appserver import app_server, CHROMIUM_FLAGS  # noqa: E402
+
 
 
 def proc_status(pid: int) -> dict:
@@ -37,19 +33,6 @@ def main():
     ap.add_argument("--minutes", type=float, default=20)
     ap.add_argument("--every", type=float, default=60, help="seconds between samples")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port)],
-                              cwd=ROOT, env=os.environ | {"CHARRNN_CHECKPOINTS": tempfile.mkdtemp()},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.3)
     samples = []
 
     def sample(label):
@@ -58,9 +41,9 @@ def main():
         print(json.dumps(row), flush=True)
 
     t0 = time.monotonic()
-    try:
+    with app_server({"CHARRNN_CHECKPOINTS": tempfile.mkdtemp()}) as (server, url):
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{url}/train")
             page.wait_for_selector("[data-testid=stApp]")
@@ -86,8 +69,6 @@ def main():
             page.wait_for_timeout(3000)
             sample("after stop")
             browser.close()
-    finally:
-        server.terminate()
     running = [s for s in samples if s["label"] == "job running"]
     print(json.dumps({"minutes": args.minutes, "progress_at_stop": progress, "stop_click_to_stopped_s": round(stop_s, 2),
                       "rss_mb": {"before": samples[0]["rss_mb"], "start_of_job": running[0]["rss_mb"],

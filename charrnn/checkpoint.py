@@ -19,7 +19,6 @@ from pathlib import Path
 
 import safetensors
 import safetensors.torch
-import torch
 from torch import nn
 
 from . import __version__

@@ -162,7 +162,7 @@ with tab_example:
                    [f"state_new[{i}].shape   # {fmt(s)}" for i, s in enumerate(le.state_shapes)])
     st.code("\n".join([f"rnn_layer = {le.code}",
                        f"X = torch.rand({', '.join(map(str, le.X_shape))})   # (steps, batch, vocab)",
-                       f"Y, state_new = rnn_layer(X, state)",
+                       "Y, state_new = rnn_layer(X, state)",
                        f"Y.shape           # {fmt(le.Y_shape)}"] + state_lines))
     D = 2 if l_bidir else 1
     st.markdown(f"Y {fmt(le.Y_shape)} = (steps, batch, {'2 × ' if D == 2 else ''}hidden) is every step's "

@@ -202,9 +202,11 @@ with st.expander("Settings", expanded=running is None):
     source = corpus_ui()
     settings = settings_ui()
 
-b1, b2, _ = st.columns([1, 1, 6])
+b1, b2, b3 = st.columns([1, 1, 6], vertical_alignment="center")
 start = b1.button("Start", type="primary", disabled=running is not None or source is None, key="start")
 stop = b2.button("Stop", disabled=running is None, key="stop")
+if running is not None:
+    b3.caption(f"{running.label} is training (one run at a time on this machine); Stop it to start another.")
 
 if start:
     try:

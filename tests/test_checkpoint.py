@@ -1,10 +1,8 @@
 """Checkpoints: round trip, damaged and foreign files, names, and a save killed half-way."""
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import safetensors.torch

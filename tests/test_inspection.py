@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from charrnn import inspection as ins
 from charrnn.checkpoint import load_checkpoint
 from charrnn.data import Vocab
-from charrnn.models import KINDS, ModelConfig, num_parameters
+from charrnn.models import ModelConfig, num_parameters
 
 DEFAULT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.safetensors"
 BOOK = "the time traveller for so it will be convenient to speak of him was expounding a recondite matter to us"

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from charrnn.data import load_corpus
 from charrnn.train import EpochStats, TrainConfig, Trainer, TrainingDiverged, clip_gradients, perplexity
 
 
