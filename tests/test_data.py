@@ -100,6 +100,7 @@ def test_local_copy_and_cache(tmp_path, monkeypatch):
 def test_download_is_verified_and_cached(tmp_path, monkeypatch):
     good = (data.Path(data.os.environ["CHARRNN_DATA"]) / "timemachine.txt").read_bytes()
     monkeypatch.delenv("CHARRNN_DATA")
+    monkeypatch.delenv("CHARRNN_OFFLINE", raising=False)  # CI sets it; urlopen is faked here
 
     class Response:
         def __init__(self, payload): self.payload = payload
