@@ -114,7 +114,15 @@ class Job:
 
     @property
     def alive(self) -> bool:
+        """The worker thread exists (it may be a moment past its last update)."""
         return self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        """Still training. Turns False with the final status, which is all a page should wait
+        for: the thread may take a moment more to exit, but it touches nothing after that."""
+        with self._lock:
+            return self.status == "running"
 
     def snapshot(self) -> Snapshot:
         with self._lock:
@@ -128,7 +136,7 @@ class Job:
 
     def save(self, name: str) -> str:
         """Save the model as checkpoints/NAME.safetensors; only once the job has ended."""
-        if self.alive:
+        if self.running:
             raise JobBusy("Stop the run before saving it.")
         if self.trainer.epoch == 0:
             raise ValueError("This run has not finished an epoch yet: there is nothing to save.")
@@ -172,13 +180,13 @@ class JobRegistry:
                               f"{snap.epochs}); stop it first.")
             job = Job(config, corpus, label, settings)
             self._jobs[job.id] = job
-            ended = [j for j in self._jobs.values() if not j.alive and j is not job]
+            ended = [j for j in self._jobs.values() if not j.running and j is not job]
             for old in ended[:max(0, len(self._jobs) - self.keep)]:  # forget the oldest ended runs
                 del self._jobs[old.id]
             return job.start()
 
     def _running(self) -> Job | None:
-        return next((j for j in self._jobs.values() if j.alive), None)
+        return next((j for j in self._jobs.values() if j.running), None)
 
     def running(self) -> Job | None:
         with self._lock:
@@ -195,7 +203,7 @@ class JobRegistry:
     def remove(self, job_id: str) -> None:
         with self._lock:
             job = self._jobs.get(job_id)
-            if job is not None and not job.alive:
+            if job is not None and not job.running:
                 del self._jobs[job_id]
 
     def stop_all(self, timeout: float = 5.0) -> None:

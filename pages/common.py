@@ -100,7 +100,7 @@ def model_picker(key: str) -> Picked | None:
     for e in readable:
         options[f"{e['name']} — {e['model']}-{e['hidden']}, {e['epochs']} epochs"] = e["path"]
     for job in reversed(registry().jobs()):
-        if not job.alive and job.trainer.epoch > 0:
+        if not job.running and job.trainer.epoch > 0:
             options[f"this session: {job.label} ({job.trainer.epoch} epochs)"] = job
     options[UNTRAINED] = None
     label = st.selectbox("Model", list(options), key=key, persist_state="session",

@@ -248,7 +248,7 @@ def live():
 live()
 
 # save the ended runs
-ended = [j for j in all_jobs if not j.alive and j.trainer.epoch > 0]
+ended = [j for j in all_jobs if not j.running and j.trainer.epoch > 0]
 if ended:
     st.subheader("Save a run")
     c1, c2, c3 = st.columns([3, 2, 1])
