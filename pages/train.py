@@ -252,7 +252,8 @@ ended = [j for j in all_jobs if not j.running and j.trainer.epoch > 0]
 if ended:
     st.subheader("Save a run")
     c1, c2, c3 = st.columns([3, 2, 1])
-    pick = c1.selectbox("Run", [j.label for j in reversed(ended)], key="train_save_run", persist_state="session")
+    # no key: when another run ends the options change, and the newest run is selected again
+    pick = c1.selectbox("Run", [j.label for j in reversed(ended)])
     job = next(j for j in ended if j.label == pick)
     name = c2.text_input("Checkpoint name", f"{job.config.model}-{job.config.hidden_size}-{job.id}",
                          key=f"train_save_name_{job.id}", persist_state="session", help="Saved as checkpoints/NAME.safetensors.")
