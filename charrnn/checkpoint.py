@@ -111,6 +111,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                 # mkstemp's 0600 -> what a plain open() gives
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
