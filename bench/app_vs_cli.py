@@ -2,6 +2,7 @@
 the CLI? Alternates the two, same settings, and prints both tokens/s and their ratio.
 
     python bench/app_vs_cli.py --epochs 60 --rounds 2      # needs /usr/bin/chromium and Playwright
+    python bench/app_vs_cli.py --epochs 60 --rounds 2 --closed   # the page closed while it trains
 
 The app side: `streamlit run app.py`, a headless Chromium on the Train page, Start, wait until the
 run ends, Save; tokens/s is read from the saved checkpoint (training time only, as the CLI's).
@@ -12,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
@@ -29,7 +31,7 @@ def cli_run(epochs: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
-def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int) -> float:
+def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, closed: bool) -> float:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{url}/train")
     page.wait_for_selector("[data-testid=stApp]")
@@ -40,6 +42,12 @@ def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int) -
     page.get_by_role("button", name="Start").click()
     expect(page.get_by_role("button", name="Stop")).to_be_enabled(timeout=30_000)
     expect(page.get_by_text(f"run{run} · ").first).to_be_visible()
+    if closed:  # no browser while it trains: only the server's own cost remains
+        page.close()
+        time.sleep(epochs * 0.1)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/train")
+        page.wait_for_selector("[data-testid=stApp]")
     expect(page.get_by_text(f"epoch {epochs} / {epochs}")).to_be_visible(timeout=epochs * 10_000)
     expect(page.get_by_text("· finished")).to_be_visible()
     page.get_by_role("textbox", name="Checkpoint name").fill(name)
@@ -53,6 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--closed", action="store_true", help="close the page while the app trains")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
     cli, app = [], []
@@ -60,11 +69,11 @@ def main():
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
         for r in range(args.rounds):
             cli.append(cli_run(args.epochs))
-            app.append(app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1))
+            app.append(app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1, args.closed))
             print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s", flush=True)
         browser.close()
     c, a = statistics.median(cli), statistics.median(app)
-    print(json.dumps({"epochs": args.epochs, "cli_tokens_per_s": c, "app_tokens_per_s": a,
+    print(json.dumps({"epochs": args.epochs, "page": "closed" if args.closed else "open", "cli_tokens_per_s": c, "app_tokens_per_s": a,
                       "app_over_cli": round(a / c, 3)}))
 
 
