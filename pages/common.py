@@ -121,10 +121,3 @@ def model_picker(key: str) -> Picked | None:
         return Picked(label, loaded.model, loaded.vocab, loaded.preprocessing, loaded.meta)
     job = choice
     return Picked(label, job.trainer.model, job.corpus.vocab, job.corpus.preprocessing, None)
-
-
-def keep_widget_state(prefix: str) -> None:
-    """Widgets forget their values when their page is left; re-assigning keeps them (per session)."""
-    for k in list(st.session_state):
-        if isinstance(k, str) and k.startswith(prefix):
-            st.session_state[k] = st.session_state[k]
