@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default="default", help="checkpoint name or path (default: the shipped model)")
     g.add_argument("--prefix", default="time traveller")
     g.add_argument("--length", type=int, default=50)
-    g.add_argument("--temperature", type=float, default=None, help="sample instead of greedy argmax")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sample instead of greedy argmax (below 0.001 it samples as 0.001 does)")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", choices=DEVICES, default="cpu")
@@ -98,7 +99,7 @@ def cmd_train(args) -> None:
         check_writable(save_path)
     corpus = load_corpus(args.corpus, args.preprocessing, config.max_tokens, args.val_tokens)
     trainer = Trainer(config, corpus)
-    command = "python -m charrnn " + shlex.join(sys.argv[1:])
+    command = "python -m charrnn " + shlex.join(args.argv)
     bar = tqdm(total=config.epochs, unit="epoch", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
     t0, status, last = time.perf_counter(), 0, None
     try:
@@ -177,7 +178,9 @@ def cmd_list(args) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         if args.command == "train":
             cmd_train(args)
@@ -190,6 +193,8 @@ def main(argv=None) -> None:
             bench_main(args)
     except USER_ERRORS as e:
         fail(str(e))
+    except RuntimeError as e:  # a benchmark child that failed, say: one line, not a traceback
+        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, status=1)
 
 
 if __name__ == "__main__":

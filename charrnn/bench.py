@@ -97,6 +97,14 @@ def generation_ms(length: int = 500, repeats: int = 5) -> float | None:
 
 def main(args) -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in DEFAULT_HIDDEN]
+    if not models or unknown:
+        raise ValueError(f"--models takes a comma-separated list of {', '.join(DEFAULT_HIDDEN)}, "
+                         f"not {args.models!r}.")
+    if args.rounds < 1 or args.epochs < 1:
+        raise ValueError("--rounds and --epochs must be at least 1.")
+    if args.peer and not Path(args.peer).is_file():
+        raise ValueError(f"No benchmark harness at {args.peer}.")
     sides = ["fused", "reference"] + (["d2l"] if args.peer else [])
     peer_python = args.peer_python or sys.executable
     results: dict[tuple[str, str], list[dict]] = {}

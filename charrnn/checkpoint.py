@@ -29,6 +29,8 @@ FORMAT, FORMAT_VERSION = "charrnn-checkpoint", 1
 SUFFIX = ".safetensors"
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # CHARRNN_CHECKPOINTS overrides
 DEFAULT_NAME = "default"
+_UMASK = os.umask(0)  # read once, at import: os.umask can only be read by setting it
+os.umask(_UMASK)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -64,17 +66,17 @@ def path_for_name(name: str, folder: Path | None = None) -> Path:
 
 
 def resolve(name_or_path: str) -> Path:
-    """A CLI argument: a path (it has a '/' or the suffix) or a name in the checkpoints folder."""
-    if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(SUFFIX):
+    """A CLI argument: a path (it has a '/', or names an existing file) or a name in the
+    checkpoints folder (with or without the .safetensors suffix)."""
+    if "/" in name_or_path or os.sep in name_or_path or Path(name_or_path).is_file():
         return Path(name_or_path)
     return path_for_name(name_or_path)
 
 
 def make_metadata(trainer, command: str | None = None, settings: dict | None = None) -> dict:
     """The JSON metadata of a trained model, from a charrnn.train.Trainer."""
-    corpus, h = trainer.corpus, trainer.history
-    trained = [s for s in h if s.epoch > 0]
-    last = trained[-1] if trained else None
+    corpus, h, last, first = trainer.corpus, trainer.history, trainer.last, trainer.first
+    nan_to_none = lambda xs: [None if x != x else x for x in xs]  # JSON has no NaN
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "charrnn_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -87,10 +89,10 @@ def make_metadata(trainer, command: str | None = None, settings: dict | None = N
         "command": command, "settings": settings,
         "metrics": {"epochs": trainer.epoch,
                     "perplexity": last.train_ppl if last else None,
-                    "val_perplexity": last.val_ppl if last else (h[0].val_ppl if h else None),
+                    "val_perplexity": last.val_ppl if last else (first.val_ppl if first else None),
                     "tokens_per_s": trainer.tokens_per_s or None},
-        "history": {"epoch": [s.epoch for s in trained], "train_ppl": [s.train_ppl for s in trained],
-                    "val_ppl": [s.val_ppl for s in trained]},
+        "history": {"epoch": [int(e) for e in h["epoch"]], "train_ppl": nan_to_none(h["train_ppl"]),
+                    "val_ppl": nan_to_none(h["val_ppl"])},
     }
 
 
@@ -111,9 +113,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                 # mkstemp's 0600 -> what a plain open() gives
+        os.chmod(tmp, 0o666 & ~_UMASK)                # mkstemp's 0600 -> what a plain open() gives
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -153,6 +153,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')}; this charrnn "
                               f"reads format {FORMAT_VERSION}.")
+    missing = [k for k in ("model", "vocab", "corpus", "metrics") if not isinstance(meta.get(k), (dict, list))]
+    if missing:
+        raise CheckpointError(f"{path} is damaged: its metadata lacks {', '.join(missing)}.")
     return meta
 
 
@@ -188,5 +191,7 @@ def list_checkpoints(folder: Path | None = None) -> list[dict]:
                       "created": meta.get("created")}
         except CheckpointError as e:
             entry["error"] = str(e)
+        except (KeyError, TypeError):
+            entry["error"] = f"{path} is damaged: its metadata is incomplete."
         found.append(entry)
     return found

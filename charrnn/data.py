@@ -57,7 +57,7 @@ def _read_verified(path: Path) -> bytes | None:
 
 
 def fetch_timemachine(cache_dir: Path | None = None, url: str = TIMEMACHINE_URL,
-                      timeout: float = 30.0) -> bytes:
+                      timeout: float = 10.0) -> bytes:
     """Return the bytes of The Time Machine: local copy, cache, or download (SHA-1 checked)."""
     cache_dir = Path(cache_dir or os.environ.get("CHARRNN_CACHE") or CACHE_DIR)
     local = os.environ.get(DATA_ENV)
@@ -118,9 +118,16 @@ def decode_text(data: bytes, name: str = "the text") -> str:
 def read_text_file(path: str | os.PathLike) -> str:
     """The text of a user's file, with the same checks as an upload."""
     p = Path(path)
-    if not p.is_file():
-        raise CorpusError(f"No text file at {p}.")
-    return decode_text(p.read_bytes(), name=str(p))
+    try:
+        if not p.is_file():
+            raise CorpusError(f"No text file at {p}.")
+        if p.stat().st_size > MAX_CORPUS_BYTES:  # refuse before reading it all
+            raise CorpusError(f"{p} is {p.stat().st_size / 2**20:.1f} MB; the limit is "
+                              f"{MAX_CORPUS_BYTES // 2**20} MB.")
+        data = p.read_bytes()
+    except OSError as e:
+        raise CorpusError(f"Cannot read {p} ({e.strerror}).") from None
+    return decode_text(data, name=str(p))
 
 
 # -----------------------------------------------------------------------------
@@ -207,8 +214,8 @@ def load_corpus(source: str = "timemachine", preprocessing: str = "seed", max_to
     """Load a corpus: "timemachine", a path to a .txt file, or `text` given directly (an upload).
 
     The vocabulary is built from the whole text (as d2l does). The first `max_tokens` ids train
-    (max_tokens <= 0: all of them); the next `val_tokens` are held out. When the text is too
-    short for both, the last tenth of it is held out instead.
+    and the next `val_tokens` are held out. With max_tokens <= 0, or a text no longer than that,
+    all but a held-out tail trains: `val_tokens`, or a tenth of the text if that is less.
     """
     if preprocessing not in PREPROCESSING:
         raise CorpusError(f"Unknown preprocessing {preprocessing!r}; choose seed or raw.")
@@ -227,9 +234,10 @@ def load_corpus(source: str = "timemachine", preprocessing: str = "seed", max_to
     vocab = Vocab(chars, min_freq=min_freq)
     ids = torch.tensor(vocab.encode(chars), dtype=torch.long)
     n = len(ids)
-    n_train = n if max_tokens <= 0 else min(max_tokens, n)
-    if n - n_train < 2 and val_tokens > 0:  # nothing left after the slice: hold out the last tenth
-        n_train = n - max(n // 10, 0)
+    if 0 < max_tokens < n - 1:
+        n_train = max_tokens
+    else:  # everything trains but a held-out tail: val_tokens, at most a tenth of a short text
+        n_train = n - (min(val_tokens, n // 10) if val_tokens > 0 else 0)
     train, rest = ids[:n_train], ids[n_train:n_train + max(val_tokens, 0)]
     return Corpus(name=name, sha1=sha1, preprocessing=preprocessing, vocab=vocab, train=train,
                   val=rest if len(rest) >= 2 else None, total_tokens=n)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .data import Vocab, normalize_prefix
 
 MAX_LENGTH = 10_000  # characters per call; longer requests are refused by the core, capped by the CLI/app
+MIN_TEMPERATURE = 1e-3  # lower temperatures sample as this one does (practically greedy)
 
 
 @dataclass
@@ -56,18 +57,8 @@ def generate(model, vocab: Vocab, prefix: str, length: int, device=None, preproc
                          "cannot generate text honestly.")
     if device is None:
         device = next(model.parameters()).device
-    # One character at a time is latency-bound: on a CPU, one thread is several times faster than
-    # two fighting over tiny matmuls. torch's thread count is per calling thread, so this does not
-    # slow a training job running in another thread.
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            return _generate(model, vocab, prefix, length, device, preprocessing, temperature, top_k,
-                             seed, top_n)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        return _generate(model, vocab, prefix, length, device, preprocessing, temperature, top_k, seed, top_n)
 
 
 def _generate(model, vocab, prefix, length, device, preprocessing, temperature, top_k, seed, top_n):
@@ -102,7 +93,8 @@ def _generate(model, vocab, prefix, length, device, preprocessing, temperature, 
 def _pick(logits: torch.Tensor, temperature, top_k, gen) -> int:
     if temperature is None and top_k is None:
         return int(logits.argmax())
-    logits = logits.float().cpu() / (temperature or 1.0)
+    # float64 and a floor on the temperature: dividing by a tiny one must not overflow into NaN
+    logits = logits.double().cpu() / max(temperature or 1.0, MIN_TEMPERATURE)
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -12,7 +12,6 @@ only draws it and the tests check it without Streamlit:
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Vocab, normalize_prefix
-from .models import ModelConfig, build_model
+from .models import ModelConfig, build_model, seeded
+from .train import safe_exp
 
 MAX_TEXT_CHARS = 2_000   # read_text reads at most this many characters (the page says so)
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}    # weight blocks stacked in torch.nn's weight matrices
@@ -47,27 +47,10 @@ def describe_state(state) -> tuple[str, list[Shape]]:
     return "one tensor, not a tuple", [shape_of(state)]
 
 
-def one_thread(fn):
-    """Run `fn` with one torch thread. The passes here are small and latency-bound: on a CPU, one
-    thread is several times faster than two fighting each other (and a training job) over tiny
-    matmuls. torch's thread count is per calling thread, so other threads keep theirs."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-    return wrapper
-
-
 def demo_model(config: ModelConfig, seed: int = 0) -> nn.Module:
     """An untrained model with repeatable weights, built without touching the global RNG
     (the app serves several sessions from one process)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(config).eval()
+    return build_model(config, seed=seed).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +92,6 @@ class ForwardShapes:
     vocab_size: int
 
 
-@one_thread
 @torch.no_grad()
 def forward_shapes(model: nn.Module, X: torch.Tensor) -> ForwardShapes:
     """Run X (batch, steps) through the model from a zero state and record the shapes."""
@@ -143,7 +125,6 @@ def layer_code(kind: str, vocab_size: int, hidden_size: int, num_layers: int = 1
     return f"nn.{LAYER_CLASSES[kind].__name__}({vocab_size}, {hidden_size}{extra})"
 
 
-@one_thread
 @torch.no_grad()
 def layer_example(kind: str = "rnn", vocab_size: int = 28, hidden_size: int = 256, num_layers: int = 1,
                   bidirectional: bool = False, batch: int = 32, steps: int = 35) -> LayerExample:
@@ -152,8 +133,7 @@ def layer_example(kind: str = "rnn", vocab_size: int = 28, hidden_size: int = 25
     if kind not in LAYER_CLASSES:
         raise ValueError(f"The concise layer is one of {', '.join(LAYER_CLASSES)}, not {kind!r}.")
     cls = LAYER_CLASSES[kind]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         layer = cls(vocab_size, hidden_size, num_layers=num_layers, bidirectional=bidirectional)
         X = torch.rand(steps, batch, vocab_size)                # (steps, batch, vocab)
     D = 2 if bidirectional else 1
@@ -180,7 +160,6 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-@one_thread
 @torch.no_grad()
 def shape_trace(model: nn.Module, X: torch.Tensor, Y: torch.Tensor | None = None) -> list[TraceRow]:
     """Every stage of one forward pass and the loss, with the shapes the tensors really have.
@@ -358,7 +337,6 @@ class TextReading:
         return max(len(self.chars) - 1, 0)
 
 
-@one_thread
 @torch.no_grad()
 def read_text(model: nn.Module, vocab: Vocab, text: str, preprocessing: str = "seed", top_k: int = 3,
               max_chars: int = MAX_TEXT_CHARS) -> TextReading:
@@ -395,7 +373,7 @@ def read_text(model: nn.Module, vocab: Vocab, text: str, preprocessing: str = "s
     return TextReading(chars=chars, ids=ids, unknown=unknown, truncated=truncated, hidden=hidden, top=top,
                        p_next=[math.exp(-x) for x in losses] + [None] * (n - len(losses)),
                        loss=losses + [None] * (n - len(losses)), mean_loss=mean,
-                       perplexity=math.exp(mean) if mean is not None else None, vocab_size=len(vocab),
+                       perplexity=safe_exp(mean) if mean is not None else None, vocab_size=len(vocab),
                        honest=not cfg.bidirectional,
                        unknown_chars=sorted({c for c, u in zip(chars, unknown) if u}))
 

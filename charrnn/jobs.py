@@ -13,6 +13,7 @@ History is kept as float arrays (8 bytes per value), so memory stays small howev
 from __future__ import annotations
 
 import itertools
+import shlex
 import threading
 import time
 from array import array
@@ -149,12 +150,13 @@ class Job:
     def cli_command(self) -> str:
         """The command line that trains the same model headless."""
         c, corpus = self.config, self.corpus
-        source = "timemachine" if corpus.name == "timemachine" else corpus.name
-        return (f"python -m charrnn train --corpus {source} --preprocessing {corpus.preprocessing} "
-                f"--model {c.model} --hidden {c.hidden_size} --layers {c.num_layers}"
-                f"{' --bidirectional' if c.bidirectional else ''} --batch-size {c.batch_size} "
-                f"--num-steps {c.num_steps} --lr {c.lr:g} --optimizer {c.optimizer} --epochs {c.epochs} "
-                f"--clip {c.clip:g} --sampling {c.sampling} --max-tokens {c.max_tokens} --seed {c.seed}")
+        val = 0 if corpus.val is None else len(corpus.val)
+        args = ["--corpus", corpus.name, "--preprocessing", corpus.preprocessing, "--model", c.model,
+                "--hidden", c.hidden_size, "--layers", c.num_layers] + (["--bidirectional"] if c.bidirectional else []) + [
+                "--batch-size", c.batch_size, "--num-steps", c.num_steps, "--lr", repr(c.lr), "--optimizer", c.optimizer,
+                "--epochs", c.epochs, "--clip", repr(c.clip), "--sampling", c.sampling, "--max-tokens", c.max_tokens,
+                "--val-tokens", val, "--seed", c.seed, "--device", c.device]
+        return "python -m charrnn train " + shlex.join(str(a) for a in args)
 
 
 def default_label(config: TrainConfig, corpus: Corpus, job_id: str) -> str:
@@ -165,7 +167,7 @@ def default_label(config: TrainConfig, corpus: Corpus, job_id: str) -> str:
 class JobRegistry:
     """Every job of the process. One runs at a time: a second start is refused, not queued."""
 
-    def __init__(self, keep: int = 20):
+    def __init__(self, keep: int = 10):
         self.keep = keep
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()

@@ -16,6 +16,8 @@ Both give the same outputs and gradients (tests/test_models.py holds them to it)
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -227,8 +229,24 @@ class RNNModel(nn.Module):
 MODELS = {"scratch": RNNScratch, "rnn": RNNModel, "gru": RNNModel, "lstm": RNNModel}
 
 
-def build_model(config: ModelConfig, fused: bool = True) -> nn.Module:
-    return MODELS[config.kind](config, fused=fused)
+_RNG_LOCK = threading.RLock()
+
+
+@contextmanager
+def seeded(seed: int):
+    """Random initialisation from `seed` that neither reads nor disturbs the global RNG state, and
+    cannot interleave with another thread's (the app builds models in several threads)."""
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_model(config: ModelConfig, fused: bool = True, seed: int | None = None) -> nn.Module:
+    """The model for `config`; with `seed`, its initial weights depend on that seed alone."""
+    if seed is None:
+        return MODELS[config.kind](config, fused=fused)
+    with seeded(seed):
+        return MODELS[config.kind](config, fused=fused)
 
 
 def detach_state(state):

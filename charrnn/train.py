@@ -12,7 +12,8 @@ import math
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from array import array
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -25,6 +26,7 @@ from .models import DEFAULT_HIDDEN, ModelConfig, build_model, detach_state
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 MAX_EPOCHS = 100_000
+NAN = float("nan")
 MAX_LOSS = 100.0  # mean cross-entropy above this (perplexity e^100) counts as diverged
 
 
@@ -88,9 +90,6 @@ class EpochStats:
     elapsed_s: float                 # since the run started
     sample: str | None = None        # 50 characters after sample_prefix, every sample_every epochs
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def clip_gradients(parameters, theta: float) -> torch.Tensor:
     """The seed's grad_clipping: g <- g * theta / ||g|| when the global norm ||g|| exceeds theta.
@@ -121,7 +120,12 @@ def perplexity(model, tokens: torch.Tensor, batch_size: int, device) -> float | 
     model.eval()
     Y_hat, _ = model(X, model.begin_state(rows, device))  # (L*rows, vocab)
     model.train(was_training)
-    return math.exp(F.cross_entropy(Y_hat.float(), Y.T.reshape(-1)).item())
+    return safe_exp(F.cross_entropy(Y_hat.float(), Y.T.reshape(-1)).item())
+
+
+def safe_exp(loss: float) -> float:
+    """exp(mean loss) as a perplexity; inf rather than OverflowError for an absurd loss."""
+    return math.exp(loss) if loss < 700 else float("inf")
 
 
 class Trainer:
@@ -131,14 +135,17 @@ class Trainer:
         check_batchable(len(corpus.train), config.batch_size, config.num_steps)
         self.config, self.corpus = config, corpus
         self.device = resolve_device(config.device)
-        torch.manual_seed(config.seed)
-        self.model = model or build_model(config.model_config(len(corpus.vocab)), fused=config.fused)
+        if model is None:
+            model = build_model(config.model_config(len(corpus.vocab)), fused=config.fused, seed=config.seed)
+        self.model = model
         self.model.to(self.device)
         self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
         self.rng = random.Random(config.seed)     # the iterators' offsets and shuffles
         self.epoch = 0                            # full epochs trained
         self.train_tokens, self.train_seconds = 0, 0.0
-        self.history: list[EpochStats] = []
+        self.history = {c: array("d") for c in ("epoch", "train_ppl", "val_ppl")}  # 8 bytes a value
+        self.first: EpochStats | None = None      # epoch 0, the untrained model
+        self.last: EpochStats | None = None       # the latest full epoch
 
     @property
     def tokens_per_s(self) -> float:
@@ -193,14 +200,15 @@ class Trainer:
         cfg, t_start = self.config, time.perf_counter()
         if self.epoch == 0:
             stats = EpochStats(0, None, self.val_perplexity(), None, None, None, None, 0.0, self.sample())
-            self.history.append(stats)
+            self.first = stats
             yield stats
         last_epoch = self.epoch + cfg.epochs
         while self.epoch < last_epoch:
             good = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             t0 = time.perf_counter()
             result = self.train_epoch(stop)
-            if result is None:
+            if result is None:                     # stopped mid-epoch: back to the last full epoch,
+                self.model.load_state_dict(good)   # so the weights match what the history says
                 return
             loss_sum, tokens, norms = result
             seconds = time.perf_counter() - t0
@@ -217,10 +225,12 @@ class Trainer:
             self.train_seconds += seconds
             norms = norms.float()
             stats = EpochStats(
-                epoch=self.epoch, train_ppl=math.exp(mean_loss), val_ppl=self.val_perplexity(),
+                epoch=self.epoch, train_ppl=safe_exp(mean_loss), val_ppl=self.val_perplexity(),
                 tokens_per_s=tokens / seconds, grad_norm=float(norms.mean()), grad_norm_max=float(norms.max()),
                 clipped=float((norms > cfg.clip).float().mean()) if cfg.clip > 0 else 0.0,
                 elapsed_s=time.perf_counter() - t_start,
                 sample=self.sample() if self.epoch % cfg.sample_every == 0 or self.epoch == last_epoch else None)
-            self.history.append(stats)
+            self.last = stats
+            for c, v in (("epoch", stats.epoch), ("train_ppl", stats.train_ppl), ("val_ppl", stats.val_ppl)):
+                self.history[c].append(NAN if v is None else v)
             yield stats

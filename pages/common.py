@@ -12,7 +12,7 @@ import streamlit as st
 import torch
 
 from charrnn.checkpoint import DEFAULT_NAME, CheckpointError, checkpoint_dir, list_checkpoints, load_checkpoint
-from charrnn.data import Vocab, load_corpus
+from charrnn.data import CorpusError, Vocab, load_corpus
 from charrnn.jobs import JobRegistry
 from charrnn.models import ModelConfig, build_model
 
@@ -59,6 +59,17 @@ def corpus_for(source: str, preprocessing: str, max_tokens: int, text: str | Non
     return load_corpus(source, preprocessing, max_tokens, text=text)
 
 
+@st.cache_data(ttl=60, show_spinner="Looking for The Time Machine…")
+def timemachine_problem() -> str | None:
+    """Why The Time Machine cannot be loaded, or None. A failure is remembered for a minute, so
+    an offline page does not wait for the network on every rerun."""
+    try:
+        corpus_for("timemachine", "seed", 10_000)
+    except CorpusError as e:
+        return str(e)
+    return None
+
+
 @st.cache_resource(max_entries=16)
 def _load(path: str, mtime: float):
     return load_checkpoint(path)
@@ -80,8 +91,7 @@ def _untrained() -> Picked:
         vocab = _load_default_vocab()
     except CheckpointError:
         vocab = Vocab(list(" etaoinshrdlcumwfgypbvkxjqz"))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig("scratch", len(vocab), 512)).eval()
+    model = build_model(ModelConfig("scratch", len(vocab), 512), seed=0).eval()
     return Picked(UNTRAINED, model, vocab, "seed", None)
 
 

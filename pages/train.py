@@ -17,7 +17,7 @@ from charrnn.device import available_devices
 from charrnn.jobs import JobBusy, Snapshot
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
 from charrnn.train import MAX_EPOCHS, TrainConfig
-from pages.common import through_router, corpus_for, registry
+from pages.common import corpus_for, registry, through_router, timemachine_problem
 
 through_router()
 
@@ -81,11 +81,8 @@ def settings_ui() -> dict:
 
 def corpus_ui():
     """The Time Machine or an uploaded text; returns (source, preprocessing, text) or None."""
-    timemachine_ok, problem = True, None
-    try:
-        corpus_for("timemachine", "seed", 10_000)
-    except CorpusError as e:
-        timemachine_ok, problem = False, str(e)
+    problem = timemachine_problem()
+    timemachine_ok = problem is None
     options = ["The Time Machine", "Upload a .txt"]
     choice = st.radio("Corpus", options, index=0 if timemachine_ok else 1, key="train_corpus", persist_state="session",
                       horizontal=True)

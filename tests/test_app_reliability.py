@@ -74,11 +74,11 @@ def test_a_save_name_that_leaves_the_folder_is_refused(folder):
 
 
 def test_offline_without_a_copy_offers_the_upload(tmp_path, monkeypatch):
-    from pages.common import corpus_for
+    from pages.common import corpus_for, timemachine_problem
     monkeypatch.setenv("CHARRNN_DATA", "")
     monkeypatch.setenv("CHARRNN_OFFLINE", "1")
     monkeypatch.setenv("CHARRNN_CACHE", str(tmp_path))
-    corpus_for.clear()
+    corpus_for.clear(), timemachine_problem.clear()
     try:
         at = page("train")
         assert at.radio(key="train_corpus").value == "Upload a .txt"
@@ -86,4 +86,4 @@ def test_offline_without_a_copy_offers_the_upload(tmp_path, monkeypatch):
         assert any("set CHARRNN_DATA" in w.value for w in at.warning)
         assert at.button(key="start").disabled
     finally:
-        corpus_for.clear()
+        corpus_for.clear(), timemachine_problem.clear()

@@ -120,3 +120,13 @@ def test_a_killed_save_leaves_the_previous_file_whole(trained, tmp_path):
     assert path.read_bytes() == before
     assert read_metadata(path)["model"]["kind"] == "lstm"
     load_checkpoint(path)
+
+
+def test_incomplete_metadata_is_reported_not_raised(trained, ckpt_dir):
+    meta = make_metadata(trained)
+    del meta["model"], meta["corpus"]
+    save_checkpoint(ckpt_dir / "partial", trained.model, meta)
+    with pytest.raises(CheckpointError, match="lacks model, corpus"):
+        read_metadata(ckpt_dir / "partial.safetensors")
+    (entry,) = list_checkpoints()
+    assert "lacks model" in entry["error"]

@@ -105,3 +105,19 @@ def test_unwritable_save_fails_before_training(tmp_path):
     blocker.write_text("not a folder")
     r = cli("train", "--epochs", "500", "--save", str(blocker / "model.safetensors"))
     assert r.returncode == 2 and "Cannot write" in r.stderr and "epoch" not in r.stderr
+
+
+def test_tiny_temperature_and_suffixed_names_work():
+    r = cli("generate", "--checkpoint", "default.safetensors", "--temperature", "1e-40", "--seed", "1",
+            "--length", "20")
+    assert r.returncode == 0 and r.stdout.startswith("time traveller"), r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("bench", "--rounds", "0"), "at least 1"),
+    (("bench", "--models", "transformer"), "comma-separated list"),
+    (("bench", "--peer", "/nonexistent/harness.py"), "No benchmark harness"),
+])
+def test_bench_bad_input(args, message):
+    r = cli(*args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -132,3 +132,8 @@ def test_own_text_raw_keeps_everything_and_holds_out_a_tenth():
     c = load_corpus("mine.txt", "raw", max_tokens=10_000, text=text)
     assert "ö" in c.vocab and "H" in c.vocab and "," in c.vocab
     assert len(c.train) + len(c.val) == len(text) and len(c.val) == len(text) // 10
+
+
+def test_max_tokens_zero_trains_on_all_but_the_held_out_tail():
+    c = load_corpus("timemachine", "seed", max_tokens=0, val_tokens=2_000)
+    assert len(c.train) + len(c.val) == c.total_tokens and len(c.val) == 2_000

@@ -245,8 +245,13 @@ def test_perplexity_numbers(default):
     assert pn.best <= pn.actual < pn.uniform and pn.actual == r.perplexity
 
 
-def test_thread_count_is_restored(default):
+def test_thread_settings_are_left_alone(default):
+    """torch's thread count is inherited by new threads (a training job's): never lowered here."""
+    import threading
     threads = torch.get_num_threads()
     ins.read_text(default.model, default.vocab, BOOK, "seed")
     ins.shape_trace(default.model, ins.seed_onehot_example().X)
-    assert torch.get_num_threads() == threads
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start(), t.join()
+    assert torch.get_num_threads() == threads and seen == [threads]
