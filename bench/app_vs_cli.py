@@ -50,9 +50,14 @@ def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, c
         page.wait_for_selector("[data-testid=stApp]")
     expect(page.get_by_text(f"epoch {epochs} / {epochs}")).to_be_visible(timeout=epochs * 10_000)
     expect(page.get_by_text("· finished")).to_be_visible()
-    page.get_by_role("textbox", name="Checkpoint name").fill(name)
+    expect(page.get_by_role("button", name="Save")).to_be_visible()      # the full rerun after the end
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
+    box = page.get_by_role("textbox", name="Checkpoint name")
+    box.fill(name)
+    box.press("Enter")
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
     page.get_by_role("button", name="Save").click()
-    expect(page.get_by_text("Saved")).to_be_visible()
+    expect(page.get_by_text(f"{name}.safetensors").first).to_be_visible()
     page.close()
     return read_metadata(folder / f"{name}.safetensors")["metrics"]["tokens_per_s"]
 

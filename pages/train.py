@@ -253,7 +253,7 @@ if ended:
     pick = c1.selectbox("Run", [j.label for j in reversed(ended)])
     job = next(j for j in ended if j.label == pick)
     name = c2.text_input("Checkpoint name", f"{job.config.model}-{job.config.hidden_size}-{job.id}",
-                         key=f"train_save_name_{job.id}", persist_state="session", help="Saved as checkpoints/NAME.safetensors.")
+                         key=f"save_name_{job.id}", help="Saved as checkpoints/NAME.safetensors.")
     c3.write("")
     if c3.button("Save", key="save"):
         try:

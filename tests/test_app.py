@@ -94,7 +94,7 @@ def test_train_live_chart_stop_and_save(jobs):
     at.button(key="stop").click().run()
     assert time.monotonic() - t0 < 5 and not job.alive
     assert job.snapshot().status == "stopped" and job.trainer.epoch >= 1
-    at.text_input(key=f"train_save_name_{job.id}").set_value("from-the-app")
+    at.text_input(key=f"save_name_{job.id}").set_value("from-the-app")
     at.button(key="save").click().run()
     assert any("Saved" in s.value for s in at.success), [e.value for e in at.error]
     assert (Path(str(jobs.get(job.id).saved[0]))).is_file()

@@ -64,11 +64,11 @@ def test_a_save_name_that_leaves_the_folder_is_refused(folder):
     job.join(60)
     at.run()
     for bad in ["../x", "a/b", ".hidden"]:
-        at.text_input(key=f"train_save_name_{job.id}").set_value(bad)
+        at.text_input(key=f"save_name_{job.id}").set_value(bad)
         at.button(key="save").click().run()
         assert any("not a usable checkpoint name" in e.value for e in at.error), bad
     assert sorted(p.name for p in folder.parent.rglob("*.safetensors") if p.parent != folder) == []
-    at.text_input(key=f"train_save_name_{job.id}").set_value("fine-name")
+    at.text_input(key=f"save_name_{job.id}").set_value("fine-name")
     at.button(key="save").click().run()
     assert (folder / "fine-name.safetensors").is_file()
 
