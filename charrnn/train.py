@@ -206,7 +206,11 @@ class Trainer:
         while self.epoch < last_epoch:
             good = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             t0 = time.perf_counter()
-            result = self.train_epoch(stop)
+            try:
+                result = self.train_epoch(stop)
+            except KeyboardInterrupt:              # Ctrl-C in the CLI: the same as a stop
+                self.model.load_state_dict(good)
+                raise
             if result is None:                     # stopped mid-epoch: back to the last full epoch,
                 self.model.load_state_dict(good)   # so the weights match what the history says
                 return
