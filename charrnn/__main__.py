@@ -101,12 +101,11 @@ def cmd_train(args) -> None:
     trainer = Trainer(config, corpus)
     command = "python -m charrnn " + shlex.join(args.argv)
     bar = tqdm(total=config.epochs, unit="epoch", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
-    t0, status, last = time.perf_counter(), 0, None
+    t0, status = time.perf_counter(), 0
     try:
         for stats in trainer.run():
             if stats.epoch == 0:
                 continue
-            last = stats
             bar.update(1)
             bar.set_postfix(ppl=f"{stats.train_ppl:.3f}", val=f"{stats.val_ppl or float('nan'):.2f}",
                             tok_s=f"{stats.tokens_per_s:,.0f}")
@@ -120,19 +119,21 @@ def cmd_train(args) -> None:
         bar.close()
         print(f"charrnn: stopped after epoch {trainer.epoch}.", file=sys.stderr)
         status = 130
-    bar.close()
+    finally:
+        bar.close()
     wall = time.perf_counter() - t0
     saved = None
     if save_path is not None and trainer.epoch > 0:
         saved = save_checkpoint(save_path, trainer.model, make_metadata(trainer, command=command))
         print(f"charrnn: saved {saved} (epoch {trainer.epoch}).", file=sys.stderr)
+    last = trainer.last
     result = {
         "model": config.model, "hidden": config.hidden_size, "layers": config.num_layers,
         "epochs": trainer.epoch, "sampling": config.sampling, "device": str(trainer.device),
         "perplexity": round(last.train_ppl, 4) if last else None,
         "val_perplexity": round(last.val_ppl, 4) if last and last.val_ppl else None,
         "tokens_per_s": round(trainer.tokens_per_s), "wall_s": round(wall, 2),
-        "sample": trainer.sample(), "fused": config.fused, "precision": "fp32", "lr": config.lr, "seed": config.seed,
+        "sample": last.sample if last and last.sample else trainer.sample(), "fused": config.fused, "precision": "fp32", "lr": config.lr, "seed": config.seed,
         "checkpoint": str(saved) if saved else None,
     }
     if args.json:

@@ -216,15 +216,14 @@ class Trainer:
                 return
             loss_sum, tokens, norms = result
             seconds = time.perf_counter() - t0
-            self.epoch += 1
             mean_loss = loss_sum / tokens
             if not (mean_loss < MAX_LOSS and bool(torch.isfinite(norms).all())):  # NaN fails `<` too
                 self.model.load_state_dict(good)
-                self.epoch -= 1
                 raise TrainingDiverged(
                     f"Training diverged in epoch {self.epoch + 1} (the loss became NaN or exploded); "
                     f"the model keeps the weights of epoch {self.epoch}. Try a lower learning rate "
                     f"than {cfg.lr:g} or a clipping threshold.")
+            self.epoch += 1
             self.train_tokens += tokens
             self.train_seconds += seconds
             norms = norms.float()

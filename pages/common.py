@@ -11,7 +11,8 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from charrnn.checkpoint import DEFAULT_NAME, CheckpointError, checkpoint_dir, list_checkpoints, load_checkpoint
+from charrnn.checkpoint import (DEFAULT_NAME, SUFFIX, CheckpointError, checkpoint_dir, list_checkpoints,
+                                load_checkpoint, read_metadata)
 from charrnn.data import CorpusError, Vocab, load_corpus
 from charrnn.jobs import JobRegistry
 from charrnn.models import ModelConfig, build_model
@@ -85,19 +86,20 @@ class Picked:
     meta: dict | None
 
 
+def seed_vocab() -> Vocab:
+    """The 28 tokens of The Time Machine in the shipped checkpoint's order (read from its metadata
+    alone), or the same order built in, should the file be missing."""
+    try:
+        return Vocab(idx_to_token=read_metadata(checkpoint_dir() / f"{DEFAULT_NAME}{SUFFIX}")["vocab"])
+    except (CheckpointError, ValueError):
+        return Vocab(list(" etaoinshrdlcumwfgypbvkxjqz"))
+
+
 def _untrained() -> Picked:
     """The seed's picture before training: a scratch RNN-512 with random weights over the 28 tokens."""
-    try:
-        vocab = _load_default_vocab()
-    except CheckpointError:
-        vocab = Vocab(list(" etaoinshrdlcumwfgypbvkxjqz"))
+    vocab = seed_vocab()
     model = build_model(ModelConfig("scratch", len(vocab), 512), seed=0).eval()
     return Picked(UNTRAINED, model, vocab, "seed", None)
-
-
-def _load_default_vocab() -> Vocab:
-    path = checkpoint_dir() / f"{DEFAULT_NAME}.safetensors"
-    return _load(str(path), path.stat().st_mtime if path.exists() else 0.0).vocab
 
 
 def model_picker(key: str) -> Picked | None:

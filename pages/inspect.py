@@ -13,10 +13,9 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from charrnn import inspection as ins
-from charrnn.checkpoint import DEFAULT_NAME, SUFFIX, CheckpointError, checkpoint_dir, read_metadata
-from charrnn.data import Vocab, printable
+from charrnn.data import printable
 from charrnn.models import ModelConfig
-from pages.common import model_picker, through_router
+from pages.common import model_picker, seed_vocab, through_router
 
 through_router()
 
@@ -37,14 +36,6 @@ def fmt(shape) -> str:
 def md(text: str) -> str:
     """Plain text for a Markdown table cell: no emphasis from * or _ (W_xh, D*hidden)."""
     return text.replace("*", "\\*").replace("_", "\\_")
-
-
-def seed_vocab() -> Vocab:
-    """The 28 tokens of The Time Machine, in the default checkpoint's order, for axis labels."""
-    try:
-        return Vocab(idx_to_token=read_metadata(checkpoint_dir() / (DEFAULT_NAME + SUFFIX))["vocab"])
-    except (CheckpointError, KeyError, ValueError):
-        return Vocab(list(" etaoinshrdlcumwfgypbvkxjqz"))  # the same order, should the file be missing
 
 
 def activation_colour(a: float) -> str:
