@@ -22,7 +22,7 @@ from .data import PREPROCESSING, SAMPLERS, CorpusError, load_corpus
 from .device import DEVICES
 from .generate import MAX_LENGTH, check_sampling, generate
 from .models import KINDS
-from .train import OPTIMIZERS, TrainConfig, Trainer, TrainingDiverged
+from .train import OPTIMIZERS, PRECISIONS, TrainConfig, Trainer, TrainingDiverged
 
 USER_ERRORS = (ValueError, CorpusError, CheckpointError)  # -> exit 2, one line
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=DEVICES, default="auto")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--reference", action="store_true", help="the seed's step-by-step loop instead of the fused recurrence")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="step matmuls while training: bf16 (CPU with AMX/AVX512-BF16), fp32, or auto: "
+                        "bf16 where it runs, else fp32")
     t.add_argument("--save", metavar="PATH", help="checkpoint name (in checkpoints/) or path")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -93,7 +96,7 @@ def cmd_train(args) -> None:
         model=args.model, hidden_size=args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
         batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, epochs=args.epochs, clip=args.clip,
         sampling=args.sampling, max_tokens=args.max_tokens, optimizer=args.optimizer, seed=args.seed,
-        device=args.device, fused=not args.reference)
+        device=args.device, fused=not args.reference, precision=args.precision)
     save_path = resolve(args.save) if args.save else None
     if save_path is not None:
         check_writable(save_path)
@@ -133,7 +136,7 @@ def cmd_train(args) -> None:
         "perplexity": round(last.train_ppl, 4) if last else None,
         "val_perplexity": round(last.val_ppl, 4) if last and last.val_ppl else None,
         "tokens_per_s": round(trainer.tokens_per_s), "wall_s": round(wall, 2),
-        "sample": last.sample if last and last.sample else trainer.sample(), "fused": config.fused, "precision": "fp32", "lr": config.lr, "seed": config.seed,
+        "sample": last.sample if last and last.sample else trainer.sample(), "fused": config.fused, "precision": trainer.precision, "lr": config.lr, "seed": config.seed,
         "checkpoint": str(saved) if saved else None,
     }
     if args.json:

@@ -1,14 +1,15 @@
-"""Benchmark: training speed and quality of the fused path against the seed's step-by-step loop
-(and the d2l package itself, when its harness is given), plus generation latency.
+"""Benchmark: training speed and quality of the fused path (bf16 and fp32) against the seed's
+step-by-step loop (and the d2l package itself, when its harness is given), plus generation latency.
 
     python -m charrnn bench --models scratch,rnn --epochs 20 --rounds 3
     python -m charrnn bench --peer ../shared/bench/d2l_baseline.py --peer-python .peer-venv/bin/python
 
 Each measurement is a fresh `python -m charrnn train --json` process (or the peer's), run in
 turn, round after round, so that a noisy machine hurts every side alike; the table shows medians.
-The limit is what this CPU's matmul rate allows: (batch, hidden) @ (hidden, hidden) in fp32 is
-timed here, and one token costs 6 * (hidden^2 + hidden * vocab) FLOPs (forward, and backward for
-inputs and weights). Everything runs in fp32. Benchmarks report; they never pass or fail.
+The limit is what this CPU's matmul rate allows: the step matmul (batch, hidden) @ (hidden, hidden)
+is timed here in each precision (fp32: torch.mm; bf16: the MKL call the bf16 path makes), and one
+token costs 6 * (hidden^2 + hidden * vocab) FLOPs (forward, and backward for inputs and weights).
+Every row names its precision. Benchmarks report; they never pass or fail.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import bf16gemm
 from .checkpoint import DEFAULT_NAME, checkpoint_dir, load_checkpoint
 from .generate import generate
 from .models import DEFAULT_HIDDEN
@@ -31,23 +33,29 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 28
 
 
-def matmul_gflops(rows: int, hidden: int, seconds: float = 1.0) -> float:
-    """Measured fp32 rate of (rows, hidden) @ (hidden, hidden) on this machine, in GFLOP/s."""
-    a, w = torch.randn(rows, hidden), torch.randn(hidden, hidden)
-    out = torch.empty(rows, hidden)
+def matmul_gflops(rows: int, hidden: int, precision: str = "fp32", seconds: float = 1.0) -> float:
+    """Measured rate of (rows, hidden) @ (hidden, hidden) on this machine, in GFLOP/s."""
+    if precision == "bf16":  # as the bf16 recurrence calls it: out += a @ w, checked once
+        a, w = torch.randn(1, rows, hidden).to(torch.bfloat16), torch.randn(hidden, hidden).to(torch.bfloat16)
+        step = bf16gemm.step_gemm(torch.zeros(1, rows, hidden), a, w)
+        matmul = lambda: step(0, 0)
+    else:
+        a, w = torch.randn(rows, hidden), torch.randn(hidden, hidden)
+        out = torch.empty(rows, hidden)
+        matmul = lambda: torch.mm(a, w, out=out)
     for _ in range(50):
-        torch.mm(a, w, out=out)
+        matmul()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for _ in range(100):
-            torch.mm(a, w, out=out)
+            matmul()
         n += 100
     return 2 * rows * hidden * hidden * n / (time.perf_counter() - t0) / 1e9
 
 
-def limit_tokens_per_s(hidden: int, batch: int = 32) -> tuple[float, float]:
+def limit_tokens_per_s(hidden: int, precision: str = "fp32", batch: int = 32) -> tuple[float, float]:
     """(tokens/s the matmul rate allows, the rate in GFLOP/s) for a one-layer tanh RNN."""
-    rate = matmul_gflops(batch, hidden)
+    rate = matmul_gflops(batch, hidden, precision)
     flops_per_token = 6 * (hidden * hidden + hidden * VOCAB)
     return rate * 1e9 / flops_per_token, rate
 
@@ -68,9 +76,11 @@ def run_child(cmd: list[str]) -> dict:
     return result
 
 
-def ours(model: str, epochs: int, reference: bool) -> dict:
+def ours(model: str, epochs: int, side: str) -> dict:
+    """One of our sides: bf16 or fp32 (the fused path), or reference (the seed's loop, fp32)."""
+    flags = ["--reference", "--precision", "fp32"] if side == "reference" else ["--precision", side]
     cmd = [sys.executable, "-m", "charrnn", "train", "--model", model, "--epochs", str(epochs),
-           "--json", "--quiet"] + (["--reference"] if reference else [])
+           "--json", "--quiet"] + flags
     return run_child(cmd)
 
 
@@ -105,25 +115,26 @@ def main(args) -> None:
         raise ValueError("--rounds and --epochs must be at least 1.")
     if args.peer and not Path(args.peer).is_file():
         raise ValueError(f"No benchmark harness at {args.peer}.")
-    sides = ["fused", "reference"] + (["d2l"] if args.peer else [])
+    sides = (["bf16"] if bf16gemm.available() else []) + ["fp32", "reference"] + (["d2l"] if args.peer else [])
     peer_python = args.peer_python or sys.executable
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.rounds):
         for model in models:
             for side in sides:
-                if side == "d2l" and model not in ("scratch", "rnn"):
-                    continue
+                if side in ("d2l", "bf16") and model not in ("scratch", "rnn"):
+                    continue                    # the peer and the bf16 path cover the tanh RNNs
                 if side == "d2l":
                     res = peer(args.peer, peer_python, model, args.epochs)
                 else:
-                    res = ours(model, args.epochs, reference=side == "reference")
+                    res = ours(model, args.epochs, side)
                 results.setdefault((model, side), []).append(res)
                 print(f"round {r + 1} {model:<8} {side:<9} {res['tokens_per_s']:>9,.0f} tokens/s  "
                       f"ppl {res['perplexity']:.3f}", file=sys.stderr, flush=True)
     rows = []
     for model in models:
         hidden = DEFAULT_HIDDEN[model]
-        limit, rate = limit_tokens_per_s(hidden)
+        limits = {precision: limit_tokens_per_s(hidden, precision) for precision in ("fp32", "bf16")
+                  if precision == "fp32" or "bf16" in sides}
         base = results.get((model, "d2l")) or results[(model, "reference")]
         base_tps = statistics.median(x["tokens_per_s"] for x in base)
         for side in sides:
@@ -131,8 +142,10 @@ def main(args) -> None:
             if not runs:
                 continue
             tps = statistics.median(x["tokens_per_s"] for x in runs)
+            precision = "bf16" if side == "bf16" else "fp32"
+            limit, rate = limits[precision]
             rows.append({
-                "model": model, "hidden": hidden, "side": side, "precision": "fp32", "epochs": args.epochs,
+                "model": model, "hidden": hidden, "side": side, "precision": precision, "epochs": args.epochs,
                 "tokens_per_s": round(tps), "vs_baseline": round(tps / base_tps, 2),
                 "perplexity": round(statistics.median(x["perplexity"] for x in runs), 4),
                 "limit_tokens_per_s": round(limit), "fraction_of_limit": round(tps / limit, 3),
@@ -141,10 +154,11 @@ def main(args) -> None:
                 "rounds": len(runs)})
     gen = generation_ms()
     baseline = "d2l" if args.peer else "reference"
-    print(f"\nbaseline: {baseline} (the ratio column); {args.rounds} rounds of {args.epochs} epochs, medians; fp32")
-    print(f"{'model':<8} {'side':<10} {'tokens/s':>10} {'ratio':>6} {'ppl':>8} {'limit':>9} {'of limit':>8} {'peak MB':>8}")
+    print(f"\nbaseline: {baseline} (the ratio column); {args.rounds} rounds of {args.epochs} epochs, medians; "
+          f"limit: the step matmul's measured rate in the row's precision")
+    print(f"{'model':<8} {'side':<10} {'precision':<9} {'tokens/s':>10} {'ratio':>6} {'ppl':>8} {'limit':>9} {'of limit':>8} {'peak MB':>8}")
     for row in rows:
-        print(f"{row['model']:<8} {row['side']:<10} {row['tokens_per_s']:>10,} {row['vs_baseline']:>6.2f} "
+        print(f"{row['model']:<8} {row['side']:<10} {row['precision']:<9} {row['tokens_per_s']:>10,} {row['vs_baseline']:>6.2f} "
               f"{row['perplexity']:>8.3f} {row['limit_tokens_per_s']:>9,} {row['fraction_of_limit']:>8.0%} "
               f"{row['peak_rss_mb'] or 0:>8.0f}")
     if gen is not None:

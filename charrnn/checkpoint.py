@@ -85,7 +85,7 @@ def make_metadata(trainer, command: str | None = None, settings: dict | None = N
         "preprocessing": corpus.preprocessing,
         "corpus": {"name": corpus.name, "sha1": corpus.sha1, "train_tokens": len(corpus.train),
                    "val_tokens": 0 if corpus.val is None else len(corpus.val)},
-        "train": asdict(trainer.config) | {"device": str(trainer.device)},
+        "train": asdict(trainer.config) | {"device": str(trainer.device), "precision": trainer.precision},
         "command": command, "settings": settings,
         "metrics": {"epochs": trainer.epoch,
                     "perplexity": last.train_ppl if last else None,

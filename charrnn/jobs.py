@@ -45,6 +45,7 @@ class Snapshot:
     elapsed_s: float
     config: TrainConfig
     vocab_size: int
+    precision: str                 # what the run trains in (config.precision "auto" resolved)
     saved: list[str] = field(default_factory=list)
 
     @property
@@ -133,7 +134,7 @@ class Job:
                 epochs=self.config.epochs, epoch=self.trainer.epoch,
                 columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples),
                 elapsed_s=end - self._started, config=self.config, vocab_size=len(self.corpus.vocab),
-                saved=list(self.saved))
+                precision=self.trainer.precision, saved=list(self.saved))
 
     def save(self, name: str) -> str:
         """Save the model as checkpoints/NAME.safetensors; only once the job has ended."""
@@ -155,7 +156,7 @@ class Job:
                 "--hidden", c.hidden_size, "--layers", c.num_layers] + (["--bidirectional"] if c.bidirectional else []) + [
                 "--batch-size", c.batch_size, "--num-steps", c.num_steps, "--lr", repr(c.lr), "--optimizer", c.optimizer,
                 "--epochs", c.epochs, "--clip", repr(c.clip), "--sampling", c.sampling, "--max-tokens", c.max_tokens,
-                "--val-tokens", val, "--seed", c.seed, "--device", c.device]
+                "--val-tokens", val, "--seed", c.seed, "--device", c.device, "--precision", c.precision]
         return "python -m charrnn train " + shlex.join(str(a) for a in args)
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bf16gemm
+
 KINDS = ("scratch", "rnn", "gru", "lstm")
 DEFAULT_HIDDEN = {"scratch": 512, "rnn": 256, "gru": 256, "lstm": 256}  # the seed's sizes
 MAX_HIDDEN, MAX_LAYERS = 4096, 8
@@ -69,10 +71,14 @@ class TanhRNNLayer(torch.autograd.Function):
     step and run the weight gradient as `steps` small matmuls; here the forward and backward loops
     are two ops per step on views made once, and the gradients of W_in, b and W are each one
     large op over all steps. At these sizes per-op overhead is a good part of the time.
+
+    With `bf16=True` (CPU only, see charrnn/bf16gemm.py) the step matmuls H_{t-1} W and dA_t W^T
+    and the weight gradient read bf16 copies of their inputs and accumulate in fp32, in one MKL
+    call each; the weights, the hidden states returned and every other op stay fp32.
     """
 
     @staticmethod
-    def forward(ctx, X, W_in, b, H0, W):
+    def forward(ctx, X, W_in, b, H0, W, bf16=False):
         # X: (steps, batch) int64 ids or (steps, batch, in) floats; W_in: (vocab or in, h)
         # b: (h,); H0: (batch, h); W: (h, h)
         steps, batch = X.shape[:2]
@@ -82,28 +88,50 @@ class TanhRNNLayer(torch.autograd.Function):
         else:
             A = X.reshape(steps * batch, -1) @ W_in              # (steps*batch, h)
         Hs = A.view(steps, batch, h).add_(b)                     # becomes H in place
-        W = W.contiguous()                                       # a transposed view: ~30% slower mm
-        H = H0
-        for H_t in Hs.unbind(0):
-            H = H_t.addmm_(H, W).tanh_()                         # (batch, h)
-        ctx.save_for_backward(X, W_in, H0, W, Hs)
+        if bf16:
+            Wb = W.to(torch.bfloat16)                            # keeps a transposed view's layout
+            Hb = torch.empty(steps + 1, batch, h, dtype=torch.bfloat16)  # H_{t-1} for step t
+            Hb[0].copy_(H0)
+            step = bf16gemm.step_gemm(Hs, Hb, Wb)                # Hs[t] += Hb[t] @ Wb
+            for t, (H_t, Hb_next) in enumerate(zip(Hs.unbind(0), Hb[1:].unbind(0))):
+                step(t, t)
+                Hb_next.copy_(H_t.tanh_())
+            ctx.save_for_backward(X, W_in, Wb, Hs, Hb)
+        else:
+            W = W.contiguous()                                   # a transposed view: ~30% slower mm
+            H = H0
+            for H_t in Hs.unbind(0):
+                H = H_t.addmm_(H, W).tanh_()                     # (batch, h)
+            ctx.save_for_backward(X, W_in, W, Hs, H0)
+        ctx.bf16 = bf16
         return Hs
 
     @staticmethod
     def backward(ctx, dHs):
-        X, W_in, H0, W, Hs = ctx.saved_tensors
+        X, W_in, W, Hs, H0 = ctx.saved_tensors                   # bf16: W is Wb, H0 is Hb
         steps, batch, h = Hs.shape
-        Wt = W.t().contiguous()
         dA = dHs.clone(memory_format=torch.contiguous_format)  # becomes the grads of A_t
-        dA_t, H_t = dA.unbind(0), Hs.unbind(0)
-        for t in range(steps - 1, -1, -1):
-            # dA_t holds the grad reaching H_t (from the loss at t, and from step t+1 below)
-            torch.ops.aten.tanh_backward(dA_t[t], H_t[t], grad_input=dA_t[t])  # * (1 - H_t^2)
-            if t > 0:
-                dA_t[t - 1].addmm_(dA_t[t], Wt)                  # + grad flowing back through W
+        dA_t = dA.unbind(0)
+        D_t = (1 - Hs * Hs).unbind(0)                            # tanh'(A_t) = 1 - H_t^2, for all steps at once
+        needs = ctx.needs_input_grad
+        # dA_t holds the grad reaching H_t (from the loss at t, and from step t+1 below); times
+        # tanh' it is the grad of A_t, and (times W^T) it flows on to H_{t-1}
+        if ctx.bf16:
+            dAb = torch.empty(steps, batch, h, dtype=torch.bfloat16)
+            dAb_t = dAb.unbind(0)
+            step = bf16gemm.step_gemm(dA, dAb, W, trans_b=True)  # dA[t-1] += dAb[t] @ W^T
+            for t in range(steps - 1, -1, -1):
+                dAb_t[t].copy_(dA_t[t].mul_(D_t[t]))
+                if t > 0:
+                    step(t - 1, t)
+        else:
+            Wt = W.t().contiguous()
+            for t in range(steps - 1, -1, -1):
+                dA_t[t].mul_(D_t[t])
+                if t > 0:
+                    dA_t[t - 1].addmm_(dA_t[t], Wt)
         dA2 = dA.view(steps * batch, h)
         dX = dW_in = db = dH0 = dW = None
-        needs = ctx.needs_input_grad
         if X.dtype == torch.long:
             if needs[1]:  # rows of dA summed per token id (index_add_ contends on repeated ids)
                 dW_in = torch.ops.aten.embedding_dense_backward(dA2, X.reshape(-1), W_in.shape[0], -1, False)
@@ -113,16 +141,23 @@ class TanhRNNLayer(torch.autograd.Function):
             dW_in = X2.t() @ dA2 if needs[1] else None
         if needs[2]:
             db = dA2.sum(0)
-        if needs[3]:
-            dH0 = dA_t[0] @ Wt
-        if needs[4]:                                   # sum_t H_{t-1}^T dA_t as one large matmul
-            dW = torch.addmm(H0.t() @ dA_t[0], Hs[:-1].reshape(-1, h).t(), dA[1:].reshape(-1, h))
-        return dX, dW_in, db, dH0, dW
+        if ctx.bf16:
+            Hb = H0
+            if needs[3]:
+                dH0 = bf16gemm.gemm(dA.new_empty(batch, h), dAb[0], W, trans_b=True, beta=0.0)
+            if needs[4]:                               # sum_t H_{t-1}^T dA_t as one large matmul
+                dW = bf16gemm.gemm(dA.new_empty(h, h), Hb[:-1].reshape(-1, h), dAb.view(-1, h), trans_a=True, beta=0.0)
+        else:
+            if needs[3]:
+                dH0 = dA_t[0] @ W.t()
+            if needs[4]:                               # sum_t H_{t-1}^T dA_t as one large matmul
+                dW = torch.addmm(H0.t() @ dA_t[0], Hs[:-1].reshape(-1, h).t(), dA[1:].reshape(-1, h))
+        return dX, dW_in, db, dH0, dW, None
 
 
-def tanh_rnn_layer(X, W_in, b, H0, W):
+def tanh_rnn_layer(X, W_in, b, H0, W, bf16: bool = False):
     """All hidden states (steps, batch, h) of a tanh RNN layer; see TanhRNNLayer."""
-    return TanhRNNLayer.apply(X, W_in, b, H0, W)
+    return TanhRNNLayer.apply(X, W_in, b, H0, W, bf16)
 
 
 # -----------------------------------------------------------------------------
@@ -135,6 +170,7 @@ class RNNScratch(nn.Module):
     def __init__(self, config: ModelConfig, fused: bool = True):
         super().__init__()
         self.config, self.fused = config, fused
+        self.precision = "fp32"                          # "bf16": see supports_bf16
         V, h = config.vocab_size, config.hidden_size
         normal = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.01)
         self.W_xh = normal(V, h)                         # (vocab, h)
@@ -143,12 +179,16 @@ class RNNScratch(nn.Module):
         self.W_hq = normal(h, V)                         # (h, vocab)
         self.b_q = nn.Parameter(torch.zeros(V))          # (vocab,)
 
+    @property
+    def supports_bf16(self) -> bool:
+        return self.fused
+
     def begin_state(self, batch_size: int, device=None) -> tuple[torch.Tensor]:
         return (torch.zeros(batch_size, self.config.hidden_size, device=device),)
 
     def features(self, X, state):
         if self.fused:
-            Hs = tanh_rnn_layer(X.T, self.W_xh, self.b_h, state[0], self.W_hh)  # (steps, batch, h)
+            Hs = tanh_rnn_layer(X.T, self.W_xh, self.b_h, state[0], self.W_hh, bf16_now(self))  # (steps, batch, h)
             return Hs, (Hs[-1],)
         return self.features_seed(X, state)
 
@@ -184,6 +224,7 @@ class RNNModel(nn.Module):
     def __init__(self, config: ModelConfig, fused: bool = True):
         super().__init__()
         self.config, self.fused = config, fused
+        self.precision = "fp32"                          # "bf16": see supports_bf16
         self.num_directions = 2 if config.bidirectional else 1
         self.rnn = self.LAYERS[config.kind](config.vocab_size, config.hidden_size,
                                             num_layers=config.num_layers,
@@ -200,6 +241,10 @@ class RNNModel(nn.Module):
     def uses_fused(self) -> bool:
         return self.fused and self.config.kind == "rnn" and not self.config.bidirectional
 
+    @property
+    def supports_bf16(self) -> bool:
+        return self.uses_fused
+
     def features(self, X, state):
         if self.uses_fused:
             return self._features_fused(X, state)
@@ -214,7 +259,7 @@ class RNNModel(nn.Module):
             W_ih = getattr(self.rnn, f"weight_ih_l{layer}")       # (h, in)
             W_hh = getattr(self.rnn, f"weight_hh_l{layer}")       # (h, h)
             b = getattr(self.rnn, f"bias_ih_l{layer}") + getattr(self.rnn, f"bias_hh_l{layer}")
-            inputs = tanh_rnn_layer(inputs, W_ih.t(), b, state[layer], W_hh.t())  # (steps, batch, h)
+            inputs = tanh_rnn_layer(inputs, W_ih.t(), b, state[layer], W_hh.t(), bf16_now(self))
             finals.append(inputs[-1])
         return inputs, torch.stack(finals)                        # state: (layers, batch, h)
 
@@ -224,6 +269,12 @@ class RNNModel(nn.Module):
     def forward(self, X, state):
         Hs, state = self.features(X, state)
         return self.head(Hs), state
+
+
+def bf16_now(model) -> bool:
+    """Whether this forward pass runs its step matmuls in bf16: only while training (gradients
+    on) with `model.precision == "bf16"`; evaluation and generation always run in fp32."""
+    return model.precision == "bf16" and torch.is_grad_enabled()
 
 
 MODELS = {"scratch": RNNScratch, "rnn": RNNModel, "gru": RNNModel, "lstm": RNNModel}

@@ -19,12 +19,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from . import bf16gemm
 from .data import SAMPLERS, Corpus, check_batchable
 from .device import resolve_device
 from .generate import generate
 from .models import DEFAULT_HIDDEN, ModelConfig, build_model, detach_state
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+PRECISIONS = ("auto", "fp32", "bf16")
 MAX_EPOCHS = 100_000
 NAN = float("nan")
 MAX_LOSS = 100.0  # mean cross-entropy above this (perplexity e^100) counts as diverged
@@ -53,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     fused: bool = True         # the fused recurrence (same math as the seed's loop, faster)
+    precision: str = "auto"    # step matmuls while training: fp32, bf16 (CPU), or auto (the fast one here)
     sample_every: int = 10
     sample_prefix: str = "time traveller"
 
@@ -68,6 +71,7 @@ class TrainConfig:
             (self.sampling in SAMPLERS, f"Sampling must be random or sequential, not {self.sampling!r}."),
             (self.optimizer in OPTIMIZERS, f"Optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}."),
             (self.sample_every >= 1, "Samples must come at least every epoch (sample_every >= 1)."),
+            (self.precision in PRECISIONS, f"Precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -89,6 +93,28 @@ class EpochStats:
     clipped: float | None            # fraction of minibatches whose gradient was clipped
     elapsed_s: float                 # since the run started
     sample: str | None = None        # 50 characters after sample_prefix, every sample_every epochs
+
+
+def resolve_precision(name: str, model, device: torch.device) -> str:
+    """The precision a run trains in: `auto` picks bf16 where it is both possible and fast (the
+    fused tanh RNNs on a CPU with AMX or AVX512-BF16), fp32 elsewhere; asking for bf16 where it
+    cannot run is an error that says why."""
+    if name == "fp32":
+        return "fp32"
+    why_not = None
+    if device.type != "cpu":
+        why_not = f"bf16 training runs on the CPU only, not on {device.type}"
+    elif not getattr(model, "supports_bf16", False):
+        why_not = ("bf16 training covers the fused tanh RNNs (scratch and rnn, unidirectional); "
+                   "GRU, LSTM, bidirectional layers and the reference loop train in fp32")
+    elif not bf16gemm.available():
+        why_not = ("this machine has no fast bf16 matmul (it needs PyTorch with MKL on an x86 CPU "
+                   "with AMX or AVX512-BF16)")
+    if why_not is None:
+        return "bf16"
+    if name == "auto":
+        return "fp32"
+    raise ValueError(f"Precision bf16 is not available: {why_not}; choose fp32 or auto.")
 
 
 def clip_gradients(parameters, theta: float) -> torch.Tensor:
@@ -139,6 +165,8 @@ class Trainer:
             model = build_model(config.model_config(len(corpus.vocab)), fused=config.fused, seed=config.seed)
         self.model = model
         self.model.to(self.device)
+        self.precision = resolve_precision(config.precision, model, self.device)
+        self.model.precision = self.precision
         self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
         self.rng = random.Random(config.seed)     # the iterators' offsets and shuffles
         self.epoch = 0                            # full epochs trained

@@ -16,7 +16,7 @@ from charrnn.data import MAX_CORPUS_BYTES, CorpusError, decode_text
 from charrnn.device import available_devices
 from charrnn.jobs import JobBusy, Snapshot
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
-from charrnn.train import MAX_EPOCHS, TrainConfig
+from charrnn.train import MAX_EPOCHS, PRECISIONS, TrainConfig
 from pages.common import corpus_for, registry, through_router, timemachine_problem
 
 through_router()
@@ -74,6 +74,10 @@ def settings_ui() -> dict:
         devices = available_devices()
         s["device"] = st.selectbox("Device", devices, key="train_device", persist_state="session", disabled=len(devices) == 1,
                                    help="Detected: cuda > mps > cpu.")
+        s["precision"] = st.selectbox("Precision", PRECISIONS, key="train_precision", persist_state="session",
+                                      help="The step matmuls while training. auto: bf16 where it is fast (a CPU "
+                                           "with AMX or AVX512-BF16, the scratch RNN and nn.RNN), else fp32. "
+                                           "Weights, evaluation and generation stay fp32.")
     if s["model"] == "scratch":
         s["num_layers"], s["bidirectional"] = 1, False
     return s
@@ -170,7 +174,7 @@ def fmt_time(seconds: float | None) -> str:
 def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
     frac = snap.epoch / snap.epochs if snap.epochs else 0
     st.progress(min(frac, 1.0), text=f"{snap.label} — epoch {snap.epoch} / {snap.epochs} · "
-                                      f"{fmt_time(snap.elapsed_s)} elapsed · ETA {fmt_time(snap.eta_s)} · {snap.status}")
+                                      f"{fmt_time(snap.elapsed_s)} elapsed · ETA {fmt_time(snap.eta_s)} · {snap.precision} · {snap.status}")
     m1, m2, m3, m4 = st.columns(4)
     ppl, val, tps, g = (snap.last(c) for c in ("train_ppl", "val_ppl", "tokens_per_s", "grad_norm"))
     m1.metric("Train perplexity", f"{ppl:.3f}" if ppl else "–")

@@ -24,6 +24,7 @@ def test_train_json_save_and_generate(ckpt_dir):
     assert JSON_KEYS <= set(result)
     assert result["model"] == "gru" and result["hidden"] == 32 and result["epochs"] == 2
     assert result["device"] == "cpu" and result["sample"].startswith("time traveller")
+    assert result["precision"] == "fp32"            # auto: the GRU has no bf16 path
     assert 1 < result["perplexity"] < 30 and result["tokens_per_s"] > 0
     assert (ckpt_dir / "cli-test.safetensors").is_file()
     assert "epoch" in r.stderr                      # the progress bar
@@ -44,6 +45,8 @@ def test_train_json_save_and_generate(ckpt_dir):
     (("train", "--corpus", "/nonexistent/book.txt"), "No text file"),
     (("train", "--device", "cuda"), "not available"),
     (("train", "--lr", "abc"), "invalid float"),
+    (("train", "--model", "gru", "--precision", "bf16"), "Precision bf16 is not available"),
+    (("train", "--precision", "fp16"), "invalid choice"),
     (("generate", "--checkpoint", "/nonexistent/model.safetensors"), "No checkpoint"),
     (("generate", "--checkpoint", "../x"), "No checkpoint"),
     (("generate", "--checkpoint", "bad name"), "not a usable checkpoint name"),

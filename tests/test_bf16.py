@@ -1,0 +1,147 @@
+"""bf16 training: the MKL matmul wrapper, the bf16 recurrence against fp32, and choosing a precision."""
+import pytest
+import torch
+
+from charrnn import bf16gemm
+from charrnn.models import ModelConfig, build_model, tanh_rnn_layer
+from charrnn.train import TrainConfig, Trainer, resolve_precision
+
+needs_bf16 = pytest.mark.skipif(not bf16gemm.available(),
+                                reason="needs PyTorch's MKL and a CPU with AMX or AVX512-BF16")
+BF = torch.bfloat16
+CPU = torch.device("cpu")
+
+
+def bf16_exact(*shape, seed=0):
+    """Random bf16 values, and the same values in fp32 (so fp32 matmuls are the exact reference)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(BF)
+    return x, x.float()
+
+
+@needs_bf16
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("views", [False, True])
+def test_gemm_matches_fp32_matmul(trans_a, trans_b, views):
+    m, n, k = 5, 7, 9
+    a, af = bf16_exact(*((k, m) if trans_a else (m, k)), seed=1)
+    b, bf = bf16_exact(*((n, k) if trans_b else (k, n)), seed=2)
+    if views:  # column-major operands: transposed views of row-major storage
+        a, af, b, bf = a.t().contiguous().t(), af, b.t().contiguous().t(), bf
+    C0 = torch.randn(m, n)
+    expected = (af.t() if trans_a else af) @ (bf.t() if trans_b else bf)
+    C = bf16gemm.gemm(C0.clone(), a, b, trans_a=trans_a, trans_b=trans_b, beta=0.0)
+    torch.testing.assert_close(C, expected, rtol=1e-5, atol=1e-5)
+    C = bf16gemm.gemm(C0.clone(), a, b, trans_a=trans_a, trans_b=trans_b)  # beta = 1 accumulates
+    torch.testing.assert_close(C, C0 + expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_bf16
+def test_gemm_refuses_bad_operands_before_calling_mkl():
+    a, _ = bf16_exact(4, 3)
+    b, _ = bf16_exact(3, 5)
+    with pytest.raises(TypeError, match="bfloat16"):
+        bf16gemm.gemm(torch.zeros(4, 5), a.float(), b)
+    with pytest.raises(TypeError, match="float32"):
+        bf16gemm.gemm(torch.zeros(4, 5, dtype=BF), a, b)
+    with pytest.raises(ValueError, match="do not give"):
+        bf16gemm.gemm(torch.zeros(4, 6), a, b)
+    with pytest.raises(ValueError, match="row- or column-major"):
+        bf16gemm.gemm(torch.zeros(4, 5), a, bf16_exact(3, 10)[0][:, ::2])
+
+
+@needs_bf16
+def test_step_gemm_adds_each_step_and_checks_its_indices():
+    Cs = torch.randn(3, 4, 6)
+    As, Af = bf16_exact(4, 4, 5)
+    B, Bf = bf16_exact(6, 5)  # used transposed
+    step = bf16gemm.step_gemm(Cs, As, B, trans_b=True)
+    expected = Cs.clone()
+    expected[2] += Af[3] @ Bf.t()
+    step(2, 3)
+    torch.testing.assert_close(Cs, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError):
+        step(3, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        bf16gemm.step_gemm(Cs.transpose(0, 1), As, B, trans_b=True)
+
+
+@needs_bf16
+@pytest.mark.parametrize("ids", [True, False])
+@pytest.mark.parametrize("transposed_W", [False, True])
+def test_bf16_layer_follows_fp32(ids, transposed_W):
+    """Same outputs and gradients as the fp32 layer, to bf16's precision (8 bits of mantissa)."""
+    g = torch.Generator().manual_seed(0)
+    steps, batch, h, n_in = 35, 8, 64, 28
+    X = torch.randint(0, n_in, (steps, batch), generator=g) if ids else torch.randn(steps, batch, n_in, generator=g)
+    W_in = (torch.randn(n_in, h, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(h, generator=g) * 0.1).requires_grad_()
+    H0 = (torch.randn(batch, h, generator=g) * 0.5).requires_grad_()
+    W_full = (torch.randn(h, h, generator=g) * 0.1).requires_grad_()  # contracting, as trained RNNs are
+    W = W_full.t() if transposed_W else W_full                         # RNNModel passes W_hh.t()
+    weights = torch.randn(steps, batch, h, generator=g)
+    results = []
+    for bf16 in (False, True):
+        Hs = tanh_rnn_layer(X, W_in, b, H0, W, bf16)
+        grads = torch.autograd.grad((Hs * weights).sum(), [W_in, b, H0, W_full])
+        results.append((Hs.detach(), *grads))
+    for name, fp32, bf16 in zip(["H", "dW_in", "db", "dH0", "dW"], *results):
+        rel = ((fp32 - bf16).norm() / fp32.norm()).item()
+        assert rel < 2e-2, f"{name}: relative difference {rel:.1e}"
+        assert rel > 0 or name == "dW_in", f"{name}: bf16 gave exactly fp32's numbers; did it run?"
+
+
+@needs_bf16
+def test_evaluation_runs_in_fp32_whatever_the_training_precision():
+    model = build_model(ModelConfig("scratch", 28, 32), seed=0)
+    X = torch.randint(0, 28, (4, 10))
+    with torch.no_grad():
+        fp32, _ = model(X, model.begin_state(4))
+        model.precision = "bf16"
+        same, _ = model(X, model.begin_state(4))
+    assert torch.equal(fp32, same)
+
+
+def test_precision_choice():
+    scratch = build_model(ModelConfig("scratch", 28, 16))
+    gru = build_model(ModelConfig("gru", 28, 16))
+    reference = build_model(ModelConfig("scratch", 28, 16), fused=False)
+    fast = "bf16" if bf16gemm.available() else "fp32"
+    assert resolve_precision("auto", scratch, CPU) == fast
+    assert resolve_precision("auto", build_model(ModelConfig("rnn", 28, 16)), CPU) == fast
+    assert resolve_precision("fp32", scratch, CPU) == "fp32"
+    assert resolve_precision("auto", gru, CPU) == "fp32"
+    assert resolve_precision("auto", reference, CPU) == "fp32"
+    assert resolve_precision("auto", scratch, torch.device("cuda")) == "fp32"
+    with pytest.raises(ValueError, match="GRU, LSTM"):
+        resolve_precision("bf16", gru, CPU)
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_precision("bf16", scratch, torch.device("cuda"))
+    with pytest.raises(ValueError, match="Precision must be"):
+        TrainConfig(precision="fp16")
+
+
+@needs_bf16
+def test_bf16_training_reaches_fp32_quality(corpus):
+    """A short run: the bf16 run's perplexity is within 5% of the fp32 run's."""
+    ppl = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(TrainConfig(hidden_size=128, epochs=40, sample_every=1000, precision=precision), corpus)
+        assert trainer.precision == precision
+        *_, last = trainer.run()
+        ppl[precision] = last.train_ppl
+    assert ppl["fp32"] < 12, ppl  # it learned something (uniform: 28)
+    assert abs(ppl["bf16"] / ppl["fp32"] - 1) < 0.05, ppl
+
+
+@needs_bf16
+def test_step_gemm_keeps_its_buffers_alive():
+    """The caller may drop its own references: step still writes into live memory."""
+    import gc
+    As, Af = bf16_exact(1, 4, 5)
+    B, Bf = bf16_exact(5, 3)
+    step = bf16gemm.step_gemm(torch.zeros(1, 4, 3), As, B)
+    gc.collect()
+    for _ in range(3):
+        step(0, 0)
+    torch.testing.assert_close(step.buffers[0][0], 3 * (Af[0] @ Bf), rtol=1e-5, atol=1e-5)
