@@ -9,6 +9,7 @@ run ends, Save; tokens/s is read from the saved checkpoint (training time only, 
 """
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -57,9 +58,11 @@ def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, c
     box.press("Enter")
     expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
     page.get_by_role("button", name="Save").click()
-    expect(page.get_by_text(f"{name}.safetensors").first).to_be_visible()
+    saved = page.get_by_text(re.compile(r"Saved .*\.safetensors")).first
+    expect(saved).to_be_visible()
+    path = re.search(r"Saved (.*\.safetensors)", saved.inner_text()).group(1)  # the name box may have been reset
     page.close()
-    return read_metadata(folder / f"{name}.safetensors")["metrics"]["tokens_per_s"]
+    return read_metadata(path)["metrics"]["tokens_per_s"]
 
 
 def main():
