@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import bf16gemm
+from . import bf16gemm, native
 
 KINDS = ("scratch", "rnn", "gru", "lstm")
 DEFAULT_HIDDEN = {"scratch": 512, "rnn": 256, "gru": 256, "lstm": 256}  # the seed's sizes
@@ -73,8 +73,9 @@ class TanhRNNLayer(torch.autograd.Function):
     large op over all steps. At these sizes per-op overhead is a good part of the time.
 
     With `bf16=True` (CPU only, see charrnn/bf16gemm.py) the step matmuls H_{t-1} W and dA_t W^T
-    and the weight gradient read bf16 copies of their inputs and accumulate in fp32, in one MKL
-    call each; the weights, the hidden states returned and every other op stay fp32.
+    and the weight gradients read bf16 copies of their inputs and accumulate in fp32, in one MKL
+    call each; the weights, the hidden states returned and every other op stay fp32. Its step
+    loops run in C where charrnn/native.py could build them, else in Python (the same math).
     """
 
     @staticmethod
@@ -83,19 +84,14 @@ class TanhRNNLayer(torch.autograd.Function):
         # b: (h,); H0: (batch, h); W: (h, h)
         steps, batch = X.shape[:2]
         h = W.shape[0]
-        if X.dtype == torch.long:
-            A = W_in.contiguous().index_select(0, X.reshape(-1))  # (steps*batch, h), fresh
+        if X.dtype == torch.long:                                # rows of W_in + b: (steps*batch, h), fresh
+            A = (W_in + b).index_select(0, X.reshape(-1))
         else:
-            A = X.reshape(steps * batch, -1) @ W_in              # (steps*batch, h)
-        Hs = A.view(steps, batch, h).add_(b)                     # becomes H in place
+            A = torch.addmm(b, X.reshape(steps * batch, -1), W_in)  # (steps*batch, h)
+        Hs = A.view(steps, batch, h)                             # becomes H in place
         if bf16:
             Wb = W.to(torch.bfloat16)                            # keeps a transposed view's layout
-            Hb = torch.empty(steps + 1, batch, h, dtype=torch.bfloat16)  # H_{t-1} for step t
-            Hb[0].copy_(H0)
-            step = bf16gemm.step_gemm(Hs, Hb, Wb)                # Hs[t] += Hb[t] @ Wb
-            for t, (H_t, Hb_next) in enumerate(zip(Hs.unbind(0), Hb[1:].unbind(0))):
-                step(t, t)
-                Hb_next.copy_(H_t.tanh_())
+            Hb = _forward_bf16(Hs, H0, Wb)
             ctx.save_for_backward(X, W_in, Wb, Hs, Hb)
         else:
             W = W.contiguous()                                   # a transposed view: ~30% slower mm
@@ -110,49 +106,82 @@ class TanhRNNLayer(torch.autograd.Function):
     def backward(ctx, dHs):
         X, W_in, W, Hs, H0 = ctx.saved_tensors                   # bf16: W is Wb, H0 is Hb
         steps, batch, h = Hs.shape
-        dA = dHs.clone(memory_format=torch.contiguous_format)  # becomes the grads of A_t
-        dA_t = dA.unbind(0)
-        D_t = (1 - Hs * Hs).unbind(0)                            # tanh'(A_t) = 1 - H_t^2, for all steps at once
         needs = ctx.needs_input_grad
-        # dA_t holds the grad reaching H_t (from the loss at t, and from step t+1 below); times
-        # tanh' it is the grad of A_t, and (times W^T) it flows on to H_{t-1}
+        dX = dW_in = db = dH0 = dW = None
         if ctx.bf16:
-            dAb = torch.empty(steps, batch, h, dtype=torch.bfloat16)
-            dAb_t = dAb.unbind(0)
-            step = bf16gemm.step_gemm(dA, dAb, W, trans_b=True)  # dA[t-1] += dAb[t] @ W^T
-            for t in range(steps - 1, -1, -1):
-                dAb_t[t].copy_(dA_t[t].mul_(D_t[t]))
-                if t > 0:
-                    step(t - 1, t)
+            dA, dAb = _backward_bf16(dHs, Hs, W)
+            Hb, dAb2 = H0, dAb.view(-1, h)
+            if X.dtype == torch.long and (needs[1] or needs[2]):
+                # one matmul for both: [one_hot(x) | 1]^T dA gives the rows of dW_in and db
+                ids = X.reshape(-1, 1)
+                onehot = torch.zeros(ids.shape[0], W_in.shape[0] + 1, dtype=torch.bfloat16)
+                onehot.scatter_(1, ids, 1.0)[:, -1] = 1.0
+                G = bf16gemm.gemm(dA.new_empty(W_in.shape[0] + 1, h), onehot, dAb2, trans_a=True, beta=0.0)
+                dW_in, db = G[:-1], G[-1]
+            if needs[3]:
+                dH0 = bf16gemm.gemm(dA.new_empty(batch, h), dAb[0], W, trans_b=True, beta=0.0)
+            if needs[4]:                               # sum_t H_{t-1}^T dA_t as one large matmul
+                dW = bf16gemm.gemm(dA.new_empty(h, h), Hb[:-1].reshape(-1, h), dAb2, trans_a=True, beta=0.0)
         else:
+            dA = dHs.clone(memory_format=torch.contiguous_format)  # becomes the grads of A_t
+            dA_t, D_t = dA.unbind(0), (1 - Hs * Hs).unbind(0)     # tanh'(A_t) = 1 - H_t^2, all at once
             Wt = W.t().contiguous()
             for t in range(steps - 1, -1, -1):
+                # dA_t holds the grad reaching H_t (from the loss at t, and from step t+1 below)
                 dA_t[t].mul_(D_t[t])
                 if t > 0:
-                    dA_t[t - 1].addmm_(dA_t[t], Wt)
+                    dA_t[t - 1].addmm_(dA_t[t], Wt)              # + grad flowing back through W
+            if needs[3]:
+                dH0 = dA_t[0] @ Wt
+            if needs[4]:                               # sum_t H_{t-1}^T dA_t as one large matmul
+                dW = torch.addmm(H0.t() @ dA_t[0], Hs[:-1].reshape(-1, h).t(), dA[1:].reshape(-1, h))
         dA2 = dA.view(steps * batch, h)
-        dX = dW_in = db = dH0 = dW = None
         if X.dtype == torch.long:
-            if needs[1]:  # rows of dA summed per token id (index_add_ contends on repeated ids)
+            if needs[1] and dW_in is None:  # rows of dA summed per token id (index_add_ contends on repeated ids)
                 dW_in = torch.ops.aten.embedding_dense_backward(dA2, X.reshape(-1), W_in.shape[0], -1, False)
         else:
             X2 = X.reshape(steps * batch, -1)
             dX = (dA2 @ W_in.t()).view(X.shape) if needs[0] else None
             dW_in = X2.t() @ dA2 if needs[1] else None
-        if needs[2]:
+        if needs[2] and db is None:
             db = dA2.sum(0)
-        if ctx.bf16:
-            Hb = H0
-            if needs[3]:
-                dH0 = bf16gemm.gemm(dA.new_empty(batch, h), dAb[0], W, trans_b=True, beta=0.0)
-            if needs[4]:                               # sum_t H_{t-1}^T dA_t as one large matmul
-                dW = bf16gemm.gemm(dA.new_empty(h, h), Hb[:-1].reshape(-1, h), dAb.view(-1, h), trans_a=True, beta=0.0)
-        else:
-            if needs[3]:
-                dH0 = dA_t[0] @ W.t()
-            if needs[4]:                               # sum_t H_{t-1}^T dA_t as one large matmul
-                dW = torch.addmm(H0.t() @ dA_t[0], Hs[:-1].reshape(-1, h).t(), dA[1:].reshape(-1, h))
         return dX, dW_in, db, dH0, dW, None
+
+
+def _forward_bf16(Hs: torch.Tensor, H0: torch.Tensor, Wb: torch.Tensor) -> torch.Tensor:
+    """The bf16 forward loop: Hs holds x_t W_in + b on entry and H_t on return. Returns Hb, the
+    bf16 copies of H_{t-1} that step t multiplied (Hb[0] = H0), for the weight gradient."""
+    steps, batch, h = Hs.shape
+    Hb = torch.empty(steps + 1, batch, h, dtype=torch.bfloat16)
+    Hb[0].copy_(H0)
+    loops = native.loops()
+    if loops is not None:
+        loops.forward(Hs, Hb, Wb)                                # the loop below, in C
+        return Hb
+    step = bf16gemm.step_gemm(Hs, Hb, Wb)                        # Hs[t] += Hb[t] @ Wb
+    for t, (H_t, Hb_next) in enumerate(zip(Hs.unbind(0), Hb[1:].unbind(0))):
+        step(t, t)
+        Hb_next.copy_(H_t.tanh_())
+    return Hb
+
+
+def _backward_bf16(dHs: torch.Tensor, Hs: torch.Tensor, Wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 backward loop: (dA, dAb), the grads of A_t in fp32 and their bf16 copies."""
+    steps, batch, h = Hs.shape
+    dAb = torch.empty(steps, batch, h, dtype=torch.bfloat16)
+    loops = native.loops()
+    if loops is not None:                                        # the loop below, in C
+        dA = torch.empty_like(Hs)
+        loops.backward(dHs.contiguous(), dA, Hs, dAb, Wb)
+        return dA, dAb
+    dA = dHs.clone(memory_format=torch.contiguous_format)
+    dA_t, D_t, dAb_t = dA.unbind(0), (1 - Hs * Hs).unbind(0), dAb.unbind(0)
+    step = bf16gemm.step_gemm(dA, dAb, Wb, trans_b=True)         # dA[t-1] += dAb[t] @ Wb^T
+    for t in range(steps - 1, -1, -1):
+        dAb_t[t].copy_(dA_t[t].mul_(D_t[t]))
+        if t > 0:
+            step(t - 1, t)
+    return dA, dAb
 
 
 def tanh_rnn_layer(X, W_in, b, H0, W, bf16: bool = False):

@@ -124,11 +124,9 @@ def clip_gradients(parameters, theta: float) -> torch.Tensor:
     as a tensor), so the GPU is never stalled. theta = 0 measures without clipping.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # one op per tensor list
     if theta > 0:
-        scale = (theta / norm).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale)
+        torch._foreach_mul_(grads, (theta / norm).clamp(max=1.0))
     return norm
 
 

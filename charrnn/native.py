@@ -1,0 +1,119 @@
+"""The bf16 recurrence's step loops in C (charrnn/tanh_rnn.c), built on first use.
+
+    loops = native.loops()          # None where it cannot be built: the Python loops run instead
+    loops.forward(A, Hb, Wb)        # A[t] += Hb[t] @ Wb; A[t] = tanh(A[t]); Hb[t+1] = bf16(A[t])
+    loops.backward(dH, dA, H, dAb, Wb)  # dA[t] = (dH[t] + dAb[t+1] @ Wb^T) * (1 - H[t]^2); dAb[t] = bf16(dA[t])
+
+The C file has no dependencies: it calls MKL's bf16 matmul through the function pointer that
+charrnn.bf16gemm finds, so the system's C compiler (cc, or $CC) builds it in a fraction of a
+second. The library goes to build/ beside the package (CHARRNN_BUILD moves it), named after a
+hash of the source, the flags, the compiler and the CPU, so a changed file or another machine
+builds afresh. No compiler, a failed build, or CHARRNN_NATIVE=0: `loops()` is None.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import bf16gemm
+
+SOURCE = Path(__file__).with_name("tanh_rnn.c")
+BUILD_DIR = Path(__file__).resolve().parent.parent / "build"
+# -ffast-math lets GCC call glibc's vector tanhf (16 floats at a time); the divergence check does
+# not depend on NaN here: the loss is computed from the fp32 states, and NaN stays NaN in them.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-mprefer-vector-width=512", "-fopenmp-simd",
+         "-shared", "-fPIC"]
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.machine()
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(cc: str, out_dir: Path) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha1("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    path = out_dir / f"tanh_rnn-{key}.so"
+    if not path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tanh_rnn-", suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, path)                 # atomic: a concurrent build never sees half a file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+class Loops:
+    """The two C functions, with the checks that keep raw pointers safe."""
+
+    def __init__(self, lib: ctypes.CDLL, gemm_address: int):
+        self._gemm = gemm_address
+        i, p = ctypes.c_int, ctypes.c_void_p
+        lib.forward.argtypes = [p, i, i, p, i, i, i, p, p]
+        lib.backward.argtypes = [p, i, i, p, i, i, i, p, p, p, p]
+        lib.forward.restype = lib.backward.restype = None
+        self._lib = lib
+
+    @staticmethod
+    def _check(steps: int, batch: int, h: int, **tensors) -> None:
+        for name, (x, dtype, first) in tensors.items():
+            if x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous() or tuple(x.shape) != (first, batch, h):
+                raise ValueError(f"native loops: {name} must be a contiguous {dtype} CPU tensor of shape "
+                                 f"{(first, batch, h)}, not {x.dtype} {tuple(x.shape)}.")
+
+    @staticmethod
+    def _weight(W: torch.Tensor, transpose: bool, h: int) -> tuple[int, int]:
+        """CBLAS op and leading dimension for op(W) with W a bf16 (h, h) row- or column-major matrix."""
+        if tuple(W.shape) != (h, h):
+            raise ValueError(f"native loops: W must be ({h}, {h}), not {tuple(W.shape)}.")
+        ld, column_major = bf16gemm._matrix(W, torch.bfloat16, "W")
+        return (bf16gemm._TRANS if transpose != column_major else bf16gemm._NO_TRANS), ld
+
+    def forward(self, A: torch.Tensor, Hb: torch.Tensor, W: torch.Tensor) -> None:
+        steps, batch, h = A.shape
+        self._check(steps, batch, h, A=(A, torch.float32, steps), Hb=(Hb, torch.bfloat16, steps + 1))
+        op, ld = self._weight(W, False, h)
+        self._lib.forward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, A.data_ptr(), Hb.data_ptr())
+
+    def backward(self, dH: torch.Tensor, dA: torch.Tensor, H: torch.Tensor, dAb: torch.Tensor,
+                 W: torch.Tensor) -> None:
+        steps, batch, h = dA.shape
+        self._check(steps, batch, h, dH=(dH, torch.float32, steps), dA=(dA, torch.float32, steps),
+                    H=(H, torch.float32, steps), dAb=(dAb, torch.bfloat16, steps))
+        op, ld = self._weight(W, True, h)
+        self._lib.backward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, dH.data_ptr(), dA.data_ptr(),
+                           H.data_ptr(), dAb.data_ptr())
+
+
+@functools.cache
+def loops() -> Loops | None:
+    """The C loops, built if need be; None where they cannot be (see the module docstring)."""
+    if os.environ.get("CHARRNN_NATIVE") == "0" or not bf16gemm.available():
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    gemm = ctypes.cast(bf16gemm._cblas_gemm_bf16(), ctypes.c_void_p).value
+    for out_dir in (Path(os.environ.get("CHARRNN_BUILD") or BUILD_DIR),
+                    Path(tempfile.gettempdir()) / f"charrnn-build-{os.getuid()}"):
+        try:
+            return Loops(ctypes.CDLL(str(_build(cc, out_dir))), gemm)
+        except (OSError, subprocess.SubprocessError):
+            continue                              # not writable, or the compiler failed: next place
+    return None
