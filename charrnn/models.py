@@ -121,7 +121,12 @@ class TanhRNNLayer(torch.autograd.Function):
             if needs[3]:
                 dH0 = bf16gemm.gemm(dA.new_empty(batch, h), dAb[0], W, trans_b=True, beta=0.0)
             if needs[4]:                               # sum_t H_{t-1}^T dA_t as one large matmul
-                dW = bf16gemm.gemm(dA.new_empty(h, h), Hb[:-1].reshape(-1, h), dAb2, trans_a=True, beta=0.0)
+                Hb2 = Hb[:-1].reshape(-1, h)
+                if W.stride(0) == 1 and h > 1:         # W is a transposed view (nn.RNN's W_hh.t()):
+                    # give its gradient the same layout, so autograd need not copy it into W_hh's
+                    dW = bf16gemm.gemm(dA.new_empty(h, h), dAb2, Hb2, trans_a=True, beta=0.0).t()
+                else:
+                    dW = bf16gemm.gemm(dA.new_empty(h, h), Hb2, dAb2, trans_a=True, beta=0.0)
         else:
             dA = dHs.clone(memory_format=torch.contiguous_format)  # becomes the grads of A_t
             dA_t, D_t = dA.unbind(0), (1 - Hs * Hs).unbind(0)     # tanh'(A_t) = 1 - H_t^2, all at once

@@ -145,3 +145,57 @@ def test_step_gemm_keeps_its_buffers_alive():
     for _ in range(3):
         step(0, 0)
     torch.testing.assert_close(step.buffers[0][0], 3 * (Af[0] @ Bf), rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the step loops in C (charrnn/native.py)
+
+def test_the_c_loops_build_here():
+    """Where bf16 runs and a C compiler is there, the loops build; elsewhere they are None."""
+    import shutil
+    from charrnn import native
+    expected = bf16gemm.available() and shutil.which("cc") is not None
+    assert (native.loops() is not None) == expected
+
+
+@needs_bf16
+@pytest.mark.parametrize("ids", [True, False])
+@pytest.mark.parametrize("transposed_W", [False, True])
+def test_c_loops_match_the_python_loops(monkeypatch, ids, transposed_W):
+    from charrnn import native
+    if native.loops() is None:
+        pytest.skip("no C compiler on this machine: the Python loops are the only ones")
+    g = torch.Generator().manual_seed(3)
+    steps, batch, h, n_in = 12, 4, 48, 28
+    X = torch.randint(0, n_in, (steps, batch), generator=g) if ids else torch.randn(steps, batch, n_in, generator=g)
+    W_in = (torch.randn(n_in, h, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(h, generator=g) * 0.1).requires_grad_()
+    H0 = (torch.randn(batch, h, generator=g) * 0.5).requires_grad_()
+    W_full = (torch.randn(h, h, generator=g) * 0.1).requires_grad_()
+    W = W_full.t() if transposed_W else W_full
+    weights = torch.randn(steps, batch, h, generator=g)
+    results = []
+    for use_c in (True, False):
+        if not use_c:
+            monkeypatch.setattr(native, "loops", lambda: None)
+        Hs = tanh_rnn_layer(X, W_in, b, H0, W, True)
+        results.append((Hs.detach(), *torch.autograd.grad((Hs * weights).sum(), [W_in, b, H0, W_full])))
+    for name, c, py in zip(["H", "dW_in", "db", "dH0", "dW"], *results):
+        torch.testing.assert_close(c, py, rtol=2e-3, atol=2e-4, msg=name)  # tanh: glibc's vs PyTorch's
+
+
+@needs_bf16
+def test_c_loops_check_their_arguments():
+    from charrnn import native
+    loops = native.loops()
+    if loops is None:
+        pytest.skip("no C compiler on this machine: the Python loops are the only ones")
+    A, Hb, W = torch.zeros(3, 2, 4), torch.zeros(4, 2, 4, dtype=BF), torch.zeros(4, 4, dtype=BF)
+    with pytest.raises(ValueError, match="Hb must be"):
+        loops.forward(A, Hb[:3], W)
+    with pytest.raises(ValueError, match="A must be"):
+        loops.forward(A.double(), Hb, W)
+    with pytest.raises(ValueError, match="W must be"):
+        loops.forward(A, Hb, torch.zeros(4, 5, dtype=BF))
+    with pytest.raises(ValueError, match="dAb must be"):
+        loops.backward(A, A.clone(), A.clone(), Hb[:3].float(), W)
