@@ -145,3 +145,29 @@ def test_generate_untrained_model_and_sampling(jobs):
     at.button(key="generate").click().run()
     assert at.get("html")[0].proto.body == first             # same seed, same text
     assert not at.exception
+
+
+def test_train_precision_setting(jobs):
+    """The default trains in the fast precision and says which; bf16 where it cannot run is one
+    sentence and starts nothing."""
+    from charrnn import bf16gemm
+    at = app("train")
+    assert at.selectbox(key="train_precision").value == "auto"
+    at.selectbox(key="train_model").set_value("gru").run()
+    at.number_input(key="train_hidden_gru").set_value(16)
+    at.selectbox(key="train_precision").set_value("bf16").run()
+    at.button(key="start").click().run()
+    assert any("Precision bf16 is not available" in e.value for e in at.error), [e.value for e in at.error]
+    assert jobs.running() is None
+    at.selectbox(key="train_model").set_value("rnn").run()
+    at.number_input(key="train_hidden_rnn").set_value(16)
+    at.selectbox(key="train_precision").set_value("auto").run()
+    at.number_input(key="train_epochs").set_value(100_000)
+    at.run()
+    at.button(key="start").click().run()
+    job = jobs.running()
+    assert job is not None
+    expected = "bf16" if bf16gemm.available() else "fp32"
+    assert job.snapshot().precision == expected
+    assert poll(at, lambda a: any(f"· {expected} ·" in p.proto.text for p in a.get("progress")))
+    job.stop()
