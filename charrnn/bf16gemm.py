@@ -48,22 +48,26 @@ def available() -> bool:
     return _cblas_gemm_bf16() is not None and _cpu_has_bf16()
 
 
-def _matrix(x: torch.Tensor, dtype: torch.dtype, name: str) -> tuple[int, int]:
-    """(leading dimension, transposed?) of a 2-D CPU matrix stored row- or column-major."""
+def _matrix(x: torch.Tensor, dtype: torch.dtype, name: str) -> tuple[int, bool]:
+    """(leading dimension, column-major?) of a 2-D CPU matrix stored row- or column-major.
+
+    Row-major: element (i, j) at i*ld + j; column-major (a `.t()` view of a row-major matrix):
+    at j*ld + i. A single row or column fits either, with the smallest valid ld."""
     if x.dtype != dtype or x.device.type != "cpu" or x.dim() != 2:
         raise TypeError(f"gemm: {name} must be a 2-D {dtype} CPU tensor, not {x.dtype} {tuple(x.shape)} on {x.device}.")
-    if x.stride(1) == 1 and x.stride(0) >= max(1, x.shape[1]):
-        return x.stride(0), False
-    if x.stride(0) == 1 and x.stride(1) >= max(1, x.shape[0]):
-        return x.stride(1), True                  # a transposed view of a row-major matrix
+    (rows, cols), (s0, s1) = x.shape, x.stride()
+    if (s1 == 1 or cols <= 1) and (rows <= 1 or s0 >= max(1, cols)):
+        return (s0 if rows > 1 else max(1, cols)), False
+    if (s0 == 1 or rows <= 1) and (cols <= 1 or s1 >= max(1, rows)):
+        return (s1 if cols > 1 else max(1, rows)), True
     raise ValueError(f"gemm: {name} must be row- or column-major, not strides {x.stride()}.")
 
 
 def _plan(C, A, B, trans_a: bool, trans_b: bool) -> tuple:
     """The cblas arguments for C = op(A) @ op(B) + beta C, after checking every shape and layout."""
-    ldc, c_transposed = _matrix(C, torch.float32, "C")
-    if c_transposed and C.shape[0] > 1:
-        raise ValueError("gemm: C must be row-major.")
+    ldc, c_column_major = _matrix(C, torch.float32, "C")
+    if c_column_major:                            # MKL writes C row-major
+        raise ValueError(f"gemm: C must be row-major, not strides {C.stride()}.")
     lda, a_t = _matrix(A, torch.bfloat16, "A")
     ldb, b_t = _matrix(B, torch.bfloat16, "B")
     m, n = C.shape
@@ -71,6 +75,8 @@ def _plan(C, A, B, trans_a: bool, trans_b: bool) -> tuple:
     b_rows, b_cols = (B.shape[1], B.shape[0]) if trans_b else B.shape
     if a_rows != m or b_rows != k or b_cols != n:
         raise ValueError(f"gemm: shapes {tuple(A.shape)} and {tuple(B.shape)} do not give {tuple(C.shape)}.")
+    if max(m, n, k, lda, ldb, ldc) >= 2**31:
+        raise ValueError("gemm: a dimension does not fit MKL's 32-bit integers.")
     # a column-major matrix is the row-major storage of its transpose: flip the op instead of copying
     op_a = _TRANS if trans_a != a_t else _NO_TRANS
     op_b = _TRANS if trans_b != b_t else _NO_TRANS
@@ -89,7 +95,7 @@ def gemm(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, trans_a: bool = F
     """C = op(A) @ op(B) + beta * C in place (op transposes when asked); returns C.
 
     C is fp32 and row-major; A and B are bf16, row- or column-major (a `.t()` view is free).
-    Shapes and layouts are checked before MKL sees a pointer.
+    Shapes, layouts and sizes are checked before MKL sees a pointer.
     """
     fn = _function()
     op_a, op_b, m, n, k, lda, ldb, ldc = _plan(C, A, B, trans_a, trans_b)

@@ -72,10 +72,11 @@ class TanhRNNLayer(torch.autograd.Function):
     are two ops per step on views made once, and the gradients of W_in, b and W are each one
     large op over all steps. At these sizes per-op overhead is a good part of the time.
 
-    With `bf16=True` (CPU only, see charrnn/bf16gemm.py) the step matmuls H_{t-1} W and dA_t W^T
-    and the weight gradients read bf16 copies of their inputs and accumulate in fp32, in one MKL
-    call each; the weights, the hidden states returned and every other op stay fp32. Its step
-    loops run in C where charrnn/native.py could build them, else in Python (the same math).
+    With `bf16=True` (CPU only, see charrnn/bf16gemm.py) the step matmuls H_{t-1} W and dA_t W^T,
+    the gradient of W and, for token-id inputs, those of W_in and b read bf16 copies of their
+    inputs and accumulate in fp32, in one MKL call each; the weights, the hidden states returned
+    and every other op stay fp32. Its step loops run in C where charrnn/native.py could build them,
+    else in Python (the same math).
     """
 
     @staticmethod

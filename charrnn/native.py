@@ -6,9 +6,10 @@
 
 The C file has no dependencies: it calls MKL's bf16 matmul through the function pointer that
 charrnn.bf16gemm finds, so the system's C compiler (cc, or $CC) builds it in a fraction of a
-second. The library goes to build/ beside the package (CHARRNN_BUILD moves it), named after a
-hash of the source, the flags, the compiler and the CPU, so a changed file or another machine
-builds afresh. No compiler, a failed build, or CHARRNN_NATIVE=0: `loops()` is None.
+second. The library goes to build/ beside the package (CHARRNN_BUILD moves it; if that cannot be
+written, a private folder in the temporary directory), named after a hash of the source, the
+flags, the compiler and the CPU, so a changed file or another machine builds afresh. No compiler,
+a failed build, or CHARRNN_NATIVE=0: `loops()` is None and the Python loops run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,10 +31,12 @@ from . import bf16gemm
 
 SOURCE = Path(__file__).with_name("tanh_rnn.c")
 BUILD_DIR = Path(__file__).resolve().parent.parent / "build"
-# -ffast-math lets GCC call glibc's vector tanhf (16 floats at a time); the divergence check does
-# not depend on NaN here: the loss is computed from the fp32 states, and NaN stays NaN in them.
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-mprefer-vector-width=512", "-fopenmp-simd",
-         "-shared", "-fPIC"]
+# -ffast-math lets GCC call glibc's vector tanhf (16 floats at a time); NaN and inf still pass
+# through tanhf and the products (tests/test_bf16.py), so divergence is still seen. It is given to
+# the compile step only: linked with -ffast-math, a shared library gets GCC's crtfastmath.o, whose
+# constructor would switch the loading thread to flush-to-zero for every later op.
+COMPILE = ["-O3", "-march=native", "-ffast-math", "-mprefer-vector-width=512", "-fopenmp-simd", "-fPIC", "-c"]
+LINK = ["-shared"]
 
 
 def _cpu_fingerprint() -> str:
@@ -42,21 +47,33 @@ def _cpu_fingerprint() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build(cc: str, out_dir: Path) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha1("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_fingerprint()]).encode()).hexdigest()[:16]
+def _build(cc: list[str], out_dir: Path) -> Path:
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha1("\0".join([SOURCE.read_text(), *COMPILE, *LINK, version, _cpu_fingerprint()]).encode()).hexdigest()[:16]
     path = out_dir / f"tanh_rnn-{key}.so"
     if not path.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tanh_rnn-", suffix=".so")
-        os.close(fd)
-        try:
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, path)                 # atomic: a concurrent build never sees half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tanh_rnn-") as tmp:
+            obj, lib = Path(tmp) / "tanh_rnn.o", Path(tmp) / "tanh_rnn.so"
+            subprocess.run([*cc, *COMPILE, str(SOURCE), "-o", str(obj)], check=True, capture_output=True, timeout=120)
+            subprocess.run([*cc, *LINK, str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
+            lib.chmod(0o755)
+            os.replace(lib, path)                 # atomic: a concurrent build never sees half a file
     return path
+
+
+def _build_dirs() -> list[Path]:
+    """build/ (or CHARRNN_BUILD), then a folder in the temporary directory that only this user
+    can write: a library is loaded and run from there, so a folder someone else made is skipped."""
+    dirs = [Path(os.environ.get("CHARRNN_BUILD") or BUILD_DIR)]
+    private = Path(tempfile.gettempdir()) / f"charrnn-build-{os.getuid()}"
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        info = private.lstat()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+            dirs.append(private)
+    except OSError:
+        pass
+    return dirs
 
 
 class Loops:
@@ -72,6 +89,8 @@ class Loops:
 
     @staticmethod
     def _check(steps: int, batch: int, h: int, **tensors) -> None:
+        if batch * h >= 2**31:
+            raise ValueError("native loops: batch * hidden size must stay below 2**31.")
         for name, (x, dtype, first) in tensors.items():
             if x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous() or tuple(x.shape) != (first, batch, h):
                 raise ValueError(f"native loops: {name} must be a contiguous {dtype} CPU tensor of shape "
@@ -106,14 +125,14 @@ def loops() -> Loops | None:
     """The C loops, built if need be; None where they cannot be (see the module docstring)."""
     if os.environ.get("CHARRNN_NATIVE") == "0" or not bf16gemm.available():
         return None
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
+    cc = shlex.split(os.environ.get("CC") or "cc")         # CC may be "ccache gcc"
+    if not cc or shutil.which(cc[0]) is None:
         return None
     gemm = ctypes.cast(bf16gemm._cblas_gemm_bf16(), ctypes.c_void_p).value
-    for out_dir in (Path(os.environ.get("CHARRNN_BUILD") or BUILD_DIR),
-                    Path(tempfile.gettempdir()) / f"charrnn-build-{os.getuid()}"):
+    for out_dir in _build_dirs():
         try:
-            return Loops(ctypes.CDLL(str(_build(cc, out_dir))), gemm)
-        except (OSError, subprocess.SubprocessError):
-            continue                              # not writable, or the compiler failed: next place
+            out_dir.mkdir(parents=True, exist_ok=True)
+            return Loops(ctypes.CDLL(str(_build(cc, out_dir)), mode=os.RTLD_NOW), gemm)  # all symbols now
+        except (OSError, subprocess.SubprocessError, AttributeError):
+            continue  # not writable, the compiler failed, or a library without our functions: next place
     return None

@@ -30,30 +30,30 @@ static inline uint16_t to_bf16(float f) {
 
 void forward(gemm_fn gemm, int op_w, int ld_w, const void *W,
              int steps, int batch, int h, float *A, uint16_t *Hb) {
-    const int n = batch * h;
-    for (int t = 0; t < steps; t++) {
-        float *a = A + (size_t)t * n;
-        uint16_t *next = Hb + (size_t)(t + 1) * n;
-        gemm(101, 111, op_w, batch, h, h, 1.0f, Hb + (size_t)t * n, h, W, ld_w, 1.0f, a, h);
+    const size_t n = (size_t)batch * (size_t)h;
+    for (size_t t = 0; t < (size_t)steps; t++) {
+        float *a = A + t * n;
+        uint16_t *next = Hb + (t + 1) * n;
+        gemm(101, 111, op_w, batch, h, h, 1.0f, Hb + t * n, h, W, ld_w, 1.0f, a, h);
         #pragma omp simd
-        for (int i = 0; i < n; i++) a[i] = tanhf(a[i]);
-        for (int i = 0; i < n; i++) next[i] = to_bf16(a[i]);
+        for (size_t i = 0; i < n; i++) a[i] = tanhf(a[i]);
+        for (size_t i = 0; i < n; i++) next[i] = to_bf16(a[i]);
     }
 }
 
 void backward(gemm_fn gemm, int op_w, int ld_w, const void *W,
               int steps, int batch, int h, const float *dH, float *dA, const float *H, uint16_t *dAb) {
-    const int n = batch * h;
-    for (int t = steps - 1; t >= 0; t--) {
+    const size_t n = (size_t)batch * (size_t)h;
+    for (long t = (long)steps - 1; t >= 0; t--) {
         float *d = dA + (size_t)t * n;
         const float *y = H + (size_t)t * n;
         uint16_t *db = dAb + (size_t)t * n;
-        if (t == steps - 1) memcpy(d, dH + (size_t)t * n, (size_t)n * sizeof *d);
+        if (t == steps - 1) memcpy(d, dH + (size_t)t * n, n * sizeof *d);
         #pragma omp simd
-        for (int i = 0; i < n; i++) d[i] *= 1.0f - y[i] * y[i];
-        for (int i = 0; i < n; i++) db[i] = to_bf16(d[i]);
+        for (size_t i = 0; i < n; i++) d[i] *= 1.0f - y[i] * y[i];
+        for (size_t i = 0; i < n; i++) db[i] = to_bf16(d[i]);
         if (t > 0) {
-            memcpy(d - n, dH + (size_t)(t - 1) * n, (size_t)n * sizeof *d);
+            memcpy(d - n, dH + (size_t)(t - 1) * n, n * sizeof *d);
             gemm(101, 111, op_w, batch, h, h, 1.0f, db, h, W, ld_w, 1.0f, d - n, h);
         }
     }

@@ -48,6 +48,21 @@ def test_gemm_refuses_bad_operands_before_calling_mkl():
         bf16gemm.gemm(torch.zeros(4, 6), a, b)
     with pytest.raises(ValueError, match="row- or column-major"):
         bf16gemm.gemm(torch.zeros(4, 5), a, bf16_exact(3, 10)[0][:, ::2])
+    # one row of a transposed matrix: its elements are not next to each other, MKL would write them so
+    with pytest.raises(ValueError, match="C must be row-major"):
+        bf16gemm.gemm(torch.zeros(4, 6).t()[:1], bf16_exact(1, 3)[0], bf16_exact(3, 4)[0])
+
+
+@needs_bf16
+def test_gemm_single_rows_and_columns():
+    """Shapes with one row or column have ambiguous strides; each still gets a valid layout."""
+    a, af = bf16_exact(1, 3)
+    b, bf = bf16_exact(3, 4)
+    C = torch.zeros(4, 1).t()                         # (1, 4), strides (1, 1): still contiguous
+    torch.testing.assert_close(bf16gemm.gemm(C, a, b, beta=0.0), af @ bf)
+    col, colf = bf16_exact(3, 1)
+    out = torch.zeros(1, 1)
+    torch.testing.assert_close(bf16gemm.gemm(out, a, col.t().contiguous().t(), beta=0.0), af @ colf)
 
 
 @needs_bf16
@@ -182,6 +197,14 @@ def test_c_loops_match_the_python_loops(monkeypatch, ids, transposed_W):
         results.append((Hs.detach(), *torch.autograd.grad((Hs * weights).sum(), [W_in, b, H0, W_full])))
     for name, c, py in zip(["H", "dW_in", "db", "dH0", "dW"], *results):
         torch.testing.assert_close(c, py, rtol=2e-3, atol=2e-4, msg=name)  # tanh: glibc's vs PyTorch's
+
+
+def test_loading_the_c_loops_keeps_subnormal_numbers():
+    """The library is built with -ffast-math but not linked with it: no flush-to-zero for the
+    thread that loads it (GCC's crtfastmath.o would switch it on)."""
+    from charrnn import native
+    native.loops()
+    assert torch.tensor([1e-38]).mul(0.01).item() > 0
 
 
 @needs_bf16
