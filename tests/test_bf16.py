@@ -176,12 +176,13 @@ def test_the_c_loops_build_here():
 @needs_bf16
 @pytest.mark.parametrize("ids", [True, False])
 @pytest.mark.parametrize("transposed_W", [False, True])
-def test_c_loops_match_the_python_loops(monkeypatch, ids, transposed_W):
+@pytest.mark.parametrize("batch, h", [(4, 48), (32, 64)])  # MKL's matmul; AMX tiles where the CPU has them
+def test_c_loops_match_the_python_loops(monkeypatch, ids, transposed_W, batch, h):
     from charrnn import native
     if native.loops() is None:
         pytest.skip("no C compiler on this machine: the Python loops are the only ones")
     g = torch.Generator().manual_seed(3)
-    steps, batch, h, n_in = 12, 4, 48, 28
+    steps, n_in = 12, 28
     X = torch.randint(0, n_in, (steps, batch), generator=g) if ids else torch.randn(steps, batch, n_in, generator=g)
     W_in = (torch.randn(n_in, h, generator=g) * 0.3).requires_grad_()
     b = (torch.randn(h, generator=g) * 0.1).requires_grad_()
@@ -196,7 +197,10 @@ def test_c_loops_match_the_python_loops(monkeypatch, ids, transposed_W):
         Hs = tanh_rnn_layer(X, W_in, b, H0, W, True)
         results.append((Hs.detach(), *torch.autograd.grad((Hs * weights).sum(), [W_in, b, H0, W_full])))
     for name, c, py in zip(["H", "dW_in", "db", "dH0", "dW"], *results):
-        torch.testing.assert_close(c, py, rtol=2e-3, atol=2e-4, msg=name)  # tanh: glibc's vs PyTorch's
+        # not bit for bit: glibc's tanh against PyTorch's, AMX's sums against MKL's; and a last-bit
+        # difference can round a value to the other bf16 neighbour, so compare whole tensors
+        rel = ((c - py).norm() / py.norm()).item()
+        assert rel < 2e-4, f"{name}: relative difference {rel:.1e}"
 
 
 def test_loading_the_c_loops_keeps_subnormal_numbers():
