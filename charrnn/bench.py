@@ -7,7 +7,8 @@ step-by-step loop (and the d2l package itself, when its harness is given), plus 
 Each measurement is a fresh `python -m charrnn train --json` process (or the peer's), run in
 turn, round after round, so that a noisy machine hurts every side alike; the table shows medians.
 The limit is what this CPU's matmul rate allows: the step matmul (batch, hidden) @ (hidden, hidden)
-is timed here in each precision (fp32: torch.mm; bf16: the MKL call the bf16 path makes), and one
+is timed here in each precision, the way training runs it (fp32: torch.mm; bf16: the C loops'
+step matmul, on AMX tiles where the CPU has them), and one
 token costs 6 * (hidden^2 + hidden * vocab) FLOPs (forward, and backward for inputs and weights).
 Every row names its precision. Benchmarks report; they never pass or fail.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import bf16gemm
+from . import bf16gemm, native
 from .checkpoint import DEFAULT_NAME, checkpoint_dir, load_checkpoint
 from .generate import generate
 from .models import DEFAULT_HIDDEN
@@ -34,21 +35,26 @@ VOCAB = 28
 
 
 def matmul_gflops(rows: int, hidden: int, precision: str = "fp32", seconds: float = 1.0) -> float:
-    """Measured rate of (rows, hidden) @ (hidden, hidden) on this machine, in GFLOP/s."""
-    if precision == "bf16":  # as the bf16 recurrence calls it: out += a @ w, checked once
-        a, w = torch.randn(1, rows, hidden).to(torch.bfloat16), torch.randn(hidden, hidden).to(torch.bfloat16)
-        step = bf16gemm.step_gemm(torch.zeros(1, rows, hidden), a, w)
-        matmul = lambda: step(0, 0)
+    """Measured rate of (rows, hidden) @ (hidden, hidden) on this machine, in GFLOP/s, done the
+    way the training path does it: fp32 `torch.mm`; bf16 the C loops' step matmul (AMX tiles or
+    MKL), or MKL's call from Python where the loops could not be built."""
+    if precision == "bf16":
+        a, w = torch.randn(rows, hidden).to(torch.bfloat16), torch.randn(hidden, hidden).to(torch.bfloat16)
+        out = torch.zeros(rows, hidden)
+        loops = native.loops()
+        if loops is not None:
+            matmuls = lambda n: loops.step_matmuls(a, out, w, n)
+        else:
+            step = bf16gemm.step_gemm(out.unsqueeze(0), a.unsqueeze(0), w)
+            matmuls = lambda n: [step(0, 0) for _ in range(n)]
     else:
         a, w = torch.randn(rows, hidden), torch.randn(hidden, hidden)
         out = torch.empty(rows, hidden)
-        matmul = lambda: torch.mm(a, w, out=out)
-    for _ in range(50):
-        matmul()
+        matmuls = lambda n: [torch.mm(a, w, out=out) for _ in range(n)]
+    matmuls(50)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for _ in range(100):
-            matmul()
+        matmuls(100)
         n += 100
     return 2 * rows * hidden * hidden * n / (time.perf_counter() - t0) / 1e9
 

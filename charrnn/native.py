@@ -84,8 +84,16 @@ class Loops:
         i, p = ctypes.c_int, ctypes.c_void_p
         lib.forward.argtypes = [p, i, i, p, i, i, i, p, p]
         lib.backward.argtypes = [p, i, i, p, i, i, i, p, p, p, p]
-        lib.forward.restype = lib.backward.restype = None
+        lib.step_matmuls.argtypes = [p, i, i, p, i, i, p, p, i]
+        lib.forward.restype = lib.backward.restype = lib.step_matmuls.restype = None
         self._lib = lib
+
+    def step_matmuls(self, A: torch.Tensor, C: torch.Tensor, W: torch.Tensor, reps: int) -> None:
+        """`reps` times C += A @ W, as the loops run their step matmul (to measure its rate)."""
+        batch, h = A.shape
+        self._check(1, batch, h, A=(A.unsqueeze(0), torch.bfloat16, 1), C=(C.unsqueeze(0), torch.float32, 1))
+        op, ld = self._weight(W, False, h)
+        self._lib.step_matmuls(self._gemm, op, ld, W.data_ptr(), batch, h, A.data_ptr(), C.data_ptr(), reps)
 
     @staticmethod
     def _check(steps: int, batch: int, h: int, **tensors) -> None:

@@ -62,13 +62,15 @@ static uint16_t *pack_vnni(const uint16_t *W, int trans, int ld, int K, int N) {
     return P;
 }
 
-static void tiles_on(void) {             /* 8 tiles of 16 rows x 64 bytes */
-    struct tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
-    _tile_loadconfig(&cfg);
-}
+/* 8 tiles of 16 rows x 64 bytes. A constant in memory: GCC 12 was seen to drop the stores that
+   filled a local config, as if ldtilecfg did not read them, and the CPU then refused it. */
+static const struct tile_config TILES = {
+    .palette = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+
+static void tiles_on(void) { _tile_loadconfig(&TILES); }
 
 /* C (M x N fp32, row-major) += A (M x K bf16, row-major) @ P (packed); M, N, K multiples of 32.
    Each 32 x 32 block of C is four accumulator tiles fed by two tiles of A and two of P. */
@@ -151,5 +153,14 @@ void backward(gemm_fn gemm, int op_w, int ld_w, const void *W,
             stepper_run(&s, db, d - n);
         }
     }
+    stepper_end(&s);
+}
+
+/* `reps` step matmuls C += A @ op(W) exactly as the loops above run them, for measuring their
+   rate (charrnn/bench.py): A bf16 (batch, h), C fp32 (batch, h). */
+void step_matmuls(gemm_fn gemm, int op_w, int ld_w, const void *W, int batch, int h,
+                  const uint16_t *A, float *C, int reps) {
+    struct stepper s = stepper_start(gemm, op_w, ld_w, W, batch, h);
+    for (int r = 0; r < reps; r++) stepper_run(&s, A, C);
     stepper_end(&s);
 }
