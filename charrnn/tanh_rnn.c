@@ -1,9 +1,10 @@
 /* The step loops of the bf16 tanh RNN layer (charrnn/models.py, TanhRNNLayer with bf16=True).
 
    The same loops in Python cost one dispatch per op, about as long as the matmul itself at these
-   sizes; here a whole layer's forward or backward is one call. The matmuls are MKL's
-   cblas_gemm_bf16bf16f32, whose address charrnn/native.py passes in, so this file needs no
-   headers but the C library's and builds in a fraction of a second (charrnn/native.py does it).
+   sizes; here a whole layer's forward or backward is one call. Each step's matmul runs on AMX
+   tiles where it can (below), else it is MKL's cblas_gemm_bf16bf16f32, whose address
+   charrnn/native.py passes in; so this file needs only the C library and the compiler's own
+   headers, and builds in a fraction of a second (charrnn/native.py does it).
 
    forward:   A[t] += Hb[t] @ op(W);  A[t] = tanh(A[t]);  Hb[t+1] = bf16(A[t])       t = 0 .. steps-1
    backward:  dA[t] = dH[t] + dAb[t+1] @ op(W);  dA[t] *= 1 - H[t]^2;  dAb[t] = bf16(dA[t])
