@@ -8,8 +8,8 @@ Each measurement is a fresh `python -m charrnn train --json` process (or the pee
 turn, round after round, so that a noisy machine hurts every side alike; the table shows medians.
 The limit is what this CPU's matmul rate allows: the step matmul (batch, hidden) @ (hidden, hidden)
 is timed here in each precision, the way training runs it (fp32: torch.mm; bf16: the C loops'
-step matmul, on AMX tiles where the CPU has them), and one
-token costs 6 * (hidden^2 + hidden * vocab) FLOPs (forward, and backward for inputs and weights).
+step matmul, on AMX tiles where the CPU has them), and one token costs
+6 * (hidden^2 + hidden * vocab) FLOPs (forward, and backward for inputs and weights).
 Every row names its precision. Benchmarks report; they never pass or fail.
 """
 from __future__ import annotations
@@ -92,8 +92,7 @@ def ours(model: str, epochs: int, side: str) -> dict:
 
 def peer(harness: str, python: str, model: str, epochs: int) -> dict:
     which = "scratch" if model == "scratch" else "concise"
-    result = run_child([python, harness, str(epochs), which, "sequential"])
-    return result
+    return run_child([python, harness, str(epochs), which, "sequential"])
 
 
 def generation_ms(length: int = 500, repeats: int = 5) -> float | None:

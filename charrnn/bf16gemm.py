@@ -63,13 +63,20 @@ def _matrix(x: torch.Tensor, dtype: torch.dtype, name: str) -> tuple[int, bool]:
     raise ValueError(f"gemm: {name} must be row- or column-major, not strides {x.stride()}.")
 
 
+def operand(x: torch.Tensor, transpose: bool, name: str) -> tuple[int, int]:
+    """(CBLAS op, leading dimension) for op(x), x a bf16 matrix. A column-major matrix is the
+    row-major storage of its transpose: the op flips instead of copying."""
+    ld, column_major = _matrix(x, torch.bfloat16, name)
+    return (_TRANS if transpose != column_major else _NO_TRANS), ld
+
+
 def _plan(C, A, B, trans_a: bool, trans_b: bool) -> tuple:
     """The cblas arguments for C = op(A) @ op(B) + beta C, after checking every shape and layout."""
     ldc, c_column_major = _matrix(C, torch.float32, "C")
     if c_column_major:                            # MKL writes C row-major
         raise ValueError(f"gemm: C must be row-major, not strides {C.stride()}.")
-    lda, a_t = _matrix(A, torch.bfloat16, "A")
-    ldb, b_t = _matrix(B, torch.bfloat16, "B")
+    op_a, lda = operand(A, trans_a, "A")
+    op_b, ldb = operand(B, trans_b, "B")
     m, n = C.shape
     a_rows, k = (A.shape[1], A.shape[0]) if trans_a else A.shape
     b_rows, b_cols = (B.shape[1], B.shape[0]) if trans_b else B.shape
@@ -77,9 +84,6 @@ def _plan(C, A, B, trans_a: bool, trans_b: bool) -> tuple:
         raise ValueError(f"gemm: shapes {tuple(A.shape)} and {tuple(B.shape)} do not give {tuple(C.shape)}.")
     if max(m, n, k, lda, ldb, ldc) >= 2**31:
         raise ValueError("gemm: a dimension does not fit MKL's 32-bit integers.")
-    # a column-major matrix is the row-major storage of its transpose: flip the op instead of copying
-    op_a = _TRANS if trans_a != a_t else _NO_TRANS
-    op_b = _TRANS if trans_b != b_t else _NO_TRANS
     return op_a, op_b, m, n, k, lda, ldb, ldc
 
 

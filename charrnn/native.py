@@ -109,8 +109,7 @@ class Loops:
         """CBLAS op and leading dimension for op(W) with W a bf16 (h, h) row- or column-major matrix."""
         if tuple(W.shape) != (h, h):
             raise ValueError(f"native loops: W must be ({h}, {h}), not {tuple(W.shape)}.")
-        ld, column_major = bf16gemm._matrix(W, torch.bfloat16, "W")
-        return (bf16gemm._TRANS if transpose != column_major else bf16gemm._NO_TRANS), ld
+        return bf16gemm.operand(W, transpose, "W")
 
     def forward(self, A: torch.Tensor, Hb: torch.Tensor, W: torch.Tensor) -> None:
         steps, batch, h = A.shape

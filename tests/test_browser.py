@@ -4,29 +4,17 @@ would use it. Screenshots of every page land in artifacts/screenshots/ (git-igno
 Needs /usr/bin/chromium (`apt-get install chromium`; .ci/run installs it). Playwright cannot
 download browsers here, so it launches that executable.
 """
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from bench.appserver import CHROMIUM_FLAGS, app_server
+
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,31 +22,13 @@ def server(tmp_path_factory):
     """The app on 127.0.0.1 with its own checkpoints folder (the shipped model copied in)."""
     folder = tmp_path_factory.mktemp("checkpoints")
     shutil.copy(ROOT / "checkpoints" / "default.safetensors", folder)
-    port = free_port()
-    env = os.environ | {"CHARRNN_CHECKPOINTS": str(folder), "CHARRNN_OFFLINE": "1"}
+    env = {"CHARRNN_CHECKPOINTS": str(folder), "CHARRNN_OFFLINE": "1"}
     log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            log.seek(0)
-            pytest.fail("streamlit did not come up:\n" + log.read()[-3000:])
-        time.sleep(0.3)
-    yield {"url": url, "checkpoints": folder, "log": log}
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        with app_server(env, log=log) as (_, url):
+            yield {"url": url, "checkpoints": folder, "log": log}
+    except RuntimeError as e:
+        pytest.fail(str(e))
     log.seek(0)
     assert "Traceback" not in log.read(), "the server logged a traceback"
 
@@ -68,7 +38,7 @@ def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium).")
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         yield b
         b.close()
 
