@@ -3,9 +3,11 @@ the CLI? Alternates the two, same settings, and prints both tokens/s and their r
 
     python bench/app_vs_cli.py --epochs 60 --rounds 2      # needs /usr/bin/chromium and Playwright
     python bench/app_vs_cli.py --epochs 60 --rounds 2 --closed   # the page closed while it trains
+    python bench/app_vs_cli.py --epochs 60 --rounds 2 --cli-threads 1   # the CLI on the app's one thread fewer
 
-The app side: `streamlit run app.py`, a headless Chromium on the Train page, Start, wait until the
-run ends, Save; tokens/s is read from the saved checkpoint (training time only, as the CLI's).
+The app side: `streamlit run app.py`, a headless Chromium on the Train page, Start with the page's
+defaults (which leave one core to the server and the browser: "CPU threads"), wait until the run
+ends, Save; tokens/s is read from the saved checkpoint (training time only, as the CLI's).
 """
 import argparse
 import json
@@ -26,8 +28,9 @@ from charrnn.checkpoint import read_metadata  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli_run(epochs: int) -> float:
-    out = subprocess.run([sys.executable, "-m", "charrnn", "train", "--epochs", str(epochs), "--json", "--quiet"],
+def cli_run(epochs: int, threads: int) -> float:
+    out = subprocess.run([sys.executable, "-m", "charrnn", "train", "--epochs", str(epochs), "--threads", str(threads),
+                          "--json", "--quiet"],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
@@ -70,18 +73,21 @@ def main():
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--closed", action="store_true", help="close the page while the app trains")
+    ap.add_argument("--cli-threads", type=int, default=0,
+                    help="the CLI's --threads (default 0: all cores, its default; the app leaves one core free)")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
     cli, app = [], []
     with app_server({"CHARRNN_CHECKPOINTS": str(folder)}) as (_, url), sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
         for r in range(args.rounds):
-            cli.append(cli_run(args.epochs))
+            cli.append(cli_run(args.epochs, args.cli_threads))
             app.append(app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1, args.closed))
             print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s", flush=True)
         browser.close()
     c, a = statistics.median(cli), statistics.median(app)
-    print(json.dumps({"epochs": args.epochs, "page": "closed" if args.closed else "open", "cli_tokens_per_s": c, "app_tokens_per_s": a,
+    print(json.dumps({"epochs": args.epochs, "page": "closed" if args.closed else "open", "cli_threads": args.cli_threads or "all",
+                      "cli_tokens_per_s": c, "app_tokens_per_s": a,
                       "app_over_cli": round(a / c, 3)}))
 
 

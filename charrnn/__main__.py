@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="step matmuls while training: bf16 (CPU with AMX/AVX512-BF16), fp32, or auto: "
                         "bf16 where it runs, else fp32")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads for the run (default 0: one per core)")
     t.add_argument("--save", metavar="PATH", help="checkpoint name (in checkpoints/) or path")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,7 +97,8 @@ def cmd_train(args) -> None:
         model=args.model, hidden_size=args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
         batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, epochs=args.epochs, clip=args.clip,
         sampling=args.sampling, max_tokens=args.max_tokens, optimizer=args.optimizer, seed=args.seed,
-        device=args.device, fused=not args.reference, precision=args.precision)
+        device=args.device, fused=not args.reference, precision=args.precision,
+        threads=args.threads)
     save_path = resolve(args.save) if args.save else None
     if save_path is not None:
         check_writable(save_path)

@@ -1,5 +1,11 @@
-"""One place that picks the device: cuda > mps > cpu, or the one asked for if it is there."""
+"""One place that picks the device (cuda > mps > cpu, or the one asked for if it is there) and
+sets how many CPU threads a run's ops use."""
 from __future__ import annotations
+
+import ctypes
+import functools
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -26,3 +32,50 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"Device {name} is not available on this machine "
                          f"(available: {', '.join(available_devices())}).")
     return torch.device(name)
+
+
+# -----------------------------------------------------------------------------
+# CPU threads, per calling thread
+
+@functools.cache
+def _thread_setters():
+    """(omp_set_num_threads, MKL's per-thread setter) of the libraries PyTorch loaded, or None.
+
+    torch.set_num_threads would change the count every thread starts from, so a run in a
+    background thread would change what the app's other threads (and later runs) get. OpenMP's
+    count and MKL's local count are the calling thread's own: ATen's parallel ops read the former
+    (omp_get_max_threads), MKL the latter."""
+    lib = Path(torch.__file__).parent / "lib"
+    try:
+        omp = ctypes.CDLL(str(lib / "libgomp.so.1")).omp_set_num_threads
+        mkl = ctypes.CDLL(str(lib / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local  # the C API, by value
+    except (OSError, AttributeError):      # a build without GNU OpenMP or MKL (macOS, ARM)
+        return None
+    omp.argtypes = mkl.argtypes = [ctypes.c_int]
+    omp.restype, mkl.restype = None, ctypes.c_int
+    return omp, mkl
+
+
+def default_threads() -> int:
+    """The CPU threads PyTorch gives a thread that has not set its own: one per core it uses."""
+    return max(1, torch.get_num_threads())
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Inside, the calling thread's CPU ops run on `n` threads (0: leave the count as it is);
+    other threads keep theirs. Where PyTorch has no GNU OpenMP and MKL (macOS, ARM builds) it
+    changes nothing."""
+    setters = _thread_setters() if n > 0 else None
+    if setters is None:
+        yield
+        return
+    omp, mkl = setters
+    before = torch.get_num_threads()  # also runs ATen's once-per-thread setup, which would undo ours
+    omp(n)
+    mkl_before = mkl(n)               # 0: this thread had no count of its own
+    try:
+        yield
+    finally:
+        omp(before)
+        mkl(mkl_before)

@@ -156,7 +156,7 @@ class Job:
                 "--hidden", c.hidden_size, "--layers", c.num_layers] + (["--bidirectional"] if c.bidirectional else []) + [
                 "--batch-size", c.batch_size, "--num-steps", c.num_steps, "--lr", repr(c.lr), "--optimizer", c.optimizer,
                 "--epochs", c.epochs, "--clip", repr(c.clip), "--sampling", c.sampling, "--max-tokens", c.max_tokens,
-                "--val-tokens", val, "--seed", c.seed, "--device", c.device, "--precision", c.precision]
+                "--val-tokens", val, "--seed", c.seed, "--device", c.device, "--precision", c.precision, "--threads", c.threads]
         return "python -m charrnn train " + shlex.join(str(a) for a in args)
 
 

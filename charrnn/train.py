@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from . import bf16gemm
 from .data import SAMPLERS, Corpus, check_batchable
-from .device import resolve_device
+from .device import cpu_threads, resolve_device
 from .generate import generate
 from .models import DEFAULT_HIDDEN, ModelConfig, build_model, detach_state
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_EPOCHS = 100_000
+MAX_THREADS = 1024
 NAN = float("nan")
 MAX_LOSS = 100.0  # mean cross-entropy above this (perplexity e^100) counts as diverged
 
@@ -56,6 +57,7 @@ class TrainConfig:
     device: str = "auto"
     fused: bool = True         # the fused recurrence (same math as the seed's loop, faster)
     precision: str = "auto"    # step matmuls while training: fp32, bf16 (CPU), or auto (the fast one here)
+    threads: int = 0           # CPU threads for the run's ops (0: PyTorch's default, one per core)
     sample_every: int = 10
     sample_prefix: str = "time traveller"
 
@@ -72,6 +74,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"Optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}."),
             (self.sample_every >= 1, "Samples must come at least every epoch (sample_every >= 1)."),
             (self.precision in PRECISIONS, f"Precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}."),
+            (0 <= self.threads <= MAX_THREADS, f"Threads must be between 0 (all cores) and {MAX_THREADS}, not {self.threads}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -223,6 +226,10 @@ class Trainer:
         when `stop` is set; raises TrainingDiverged (weights restored to the last good epoch)
         when the loss stops being finite.
         """
+        with cpu_threads(self.config.threads):   # this thread's ops only: the app's other threads keep theirs
+            yield from self._run(stop)
+
+    def _run(self, stop: threading.Event | None) -> Iterator[EpochStats]:
         cfg, t_start = self.config, time.perf_counter()
         if self.epoch == 0:
             stats = EpochStats(0, None, self.val_perplexity(), None, None, None, None, 0.0, self.sample())

@@ -8,16 +8,16 @@ from __future__ import annotations
 import html
 import math
 
-import plotly.graph_objects as go
 import streamlit as st
 
 from charrnn.checkpoint import CheckpointError
 from charrnn.data import MAX_CORPUS_BYTES, CorpusError, decode_text
-from charrnn.device import available_devices
+from charrnn.device import available_devices, default_threads
 from charrnn.jobs import JobBusy, Snapshot
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
-from charrnn.train import MAX_EPOCHS, PRECISIONS, TrainConfig
+from charrnn.train import MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig
 from pages.common import corpus_for, registry, through_router, timemachine_problem
+from pages.live_plot import live_plot
 
 through_router()
 
@@ -78,6 +78,11 @@ def settings_ui() -> dict:
                                       help="The step matmuls while training. auto: bf16 where it is fast (a CPU "
                                            "with AMX or AVX512-BF16, the scratch RNN and nn.RNN), else fp32. "
                                            "Weights, evaluation and generation stay fp32.")
+        cores = default_threads()
+        s["threads"] = st.number_input("CPU threads", 1, MAX_THREADS, max(1, cores - 1), key="train_threads", persist_state="session",
+                                       help=f"Threads for the run's CPU ops ({cores} here). The app leaves one core "
+                                            "to this server and your browser, so redrawing the page does not "
+                                            "slow training; the command line uses them all (--threads).")
     if s["model"] == "scratch":
         s["num_layers"], s["bidirectional"] = 1, False
     return s
@@ -122,46 +127,54 @@ def thin(xs: list, ys: list) -> tuple[list, list]:
     return [xs[i] for i in idx], [ys[i] for i in idx]
 
 
-def perplexity_figure(snaps: list[Snapshot]) -> go.Figure:
-    fig = go.Figure()
+def hline(y: float, color: str, text: str, left: bool) -> tuple[dict, dict]:
+    """A dashed line across the plot at `y` and its label (the y axes are log: y in decades)."""
+    line = dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=y, y1=y, line=dict(dash="dash", color=color))
+    label = dict(x=0 if left else 1, xref="paper", y=math.log10(y), yref="y", text=text, showarrow=False,
+                 xanchor="left" if left else "right", yanchor="bottom", font=dict(color=color, size=11))
+    return line, label
+
+
+def perplexity_figure(snaps: list[Snapshot]) -> dict:
+    traces = []
     vocab = max(s.vocab_size for s in snaps)
     for i, s in enumerate(snaps):
         color = COLORS[i % len(COLORS)]
         ep = s.columns["epoch"]
         x, y = thin(ep[1:], s.columns["train_ppl"][1:])
-        fig.add_scatter(x=x, y=y, name=f"{s.label} · train", line=dict(color=color), mode="lines")
+        traces.append(dict(type="scatter", x=x, y=y, name=f"{s.label} · train", mode="lines", line=dict(color=color)))
         x, y = thin(ep, s.columns["val_ppl"])
-        fig.add_scatter(x=x, y=y, name=f"{s.label} · validation", line=dict(color=color, dash="dot"),
-                        mode="lines")
-    # reference lines; their labels are placed by hand (on a log axis, y is in decades)
-    for y, text, color in [(vocab, f"uniform guess = vocab size ({vocab})", "gray"), (1, "perfect = 1", "green")]:
-        fig.add_hline(y=y, line_dash="dash", line_color=color)
-        fig.add_annotation(x=0, xref="paper", y=math.log10(y), yref="y", text=text, showarrow=False,
-                           xanchor="left", yanchor="bottom", font=dict(color=color, size=11))
-    fig.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="epoch",
-                      yaxis_title="perplexity (log)", legend=dict(orientation="h", y=-0.2),
-                      uirevision="ppl")
+        traces.append(dict(type="scatter", x=x, y=y, name=f"{s.label} · validation", mode="lines",
+                           line=dict(color=color, dash="dot")))
+    lines = [hline(vocab, "gray", f"uniform guess = vocab size ({vocab})", True), hline(1, "green", "perfect = 1", True)]
     top = max([vocab] + [v for s in snaps for v in s.columns["train_ppl"] + s.columns["val_ppl"] if v == v])
-    fig.update_yaxes(type="log", range=[-0.05, math.log10(top * 1.5)])  # from just under 1 to the worst
-    return fig
+    layout = dict(height=380, margin=dict(l=60, r=10, t=30, b=10), uirevision="ppl",
+                  legend=dict(orientation="h", y=-0.2), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],
+                  xaxis=dict(title=dict(text="epoch")),
+                  yaxis=dict(title=dict(text="perplexity (log)"), type="log", dtick="D2",
+                             range=[-0.05, math.log10(top * 1.5)]))  # from just under 1 to the worst
+    return dict(data=traces, layout=layout)
 
 
-def grad_figure(s: Snapshot) -> go.Figure:
+def decades(values: list[float]) -> list[float]:
+    """A log axis's range in whole decades around the values: it changes only now and then, so a
+    live chart's tick labels need not be laid out again at every redraw."""
+    finite = [v for v in values if 0 < v < math.inf] or [1.0]
+    return [math.floor(math.log10(min(finite))), math.ceil(math.log10(max(finite)) + 0.05)]
+
+
+def grad_figure(s: Snapshot) -> dict:
     ep = s.columns["epoch"][1:]
-    fig = go.Figure()
-    fig.add_scatter(x=ep, y=s.columns["grad_norm"][1:], name="mean ‖g‖", mode="lines")
-    fig.add_scatter(x=ep, y=s.columns["grad_norm_max"][1:], name="max ‖g‖", mode="lines",
-                    line=dict(dash="dot"))
-    if s.config.clip > 0:
-        fig.add_hline(y=s.config.clip, line_dash="dash", line_color="red")
-        fig.add_annotation(x=1, xref="paper", y=math.log10(s.config.clip), yref="y", showarrow=False,
-                           text=f"θ = {s.config.clip:g}: above it, clipping bites", xanchor="right",
-                           yanchor="bottom", font=dict(color="red", size=11))
-    fig.update_layout(height=220, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="epoch",
-                      yaxis_title="gradient norm before clipping", uirevision="grad",
-                      legend=dict(orientation="h", y=-0.35))
-    fig.update_yaxes(type="log")
-    return fig
+    values = s.columns["grad_norm"][1:] + s.columns["grad_norm_max"][1:] + ([s.config.clip] if s.config.clip > 0 else [])
+    traces = [dict(type="scatter", x=ep, y=s.columns["grad_norm"][1:], name="mean ‖g‖", mode="lines"),
+              dict(type="scatter", x=ep, y=s.columns["grad_norm_max"][1:], name="max ‖g‖", mode="lines",
+                   line=dict(dash="dot"))]
+    lines = [hline(s.config.clip, "red", f"θ = {s.config.clip:g}: above it, clipping bites", False)] if s.config.clip > 0 else []
+    layout = dict(height=220, margin=dict(l=60, r=10, t=30, b=10), uirevision="grad",
+                  legend=dict(orientation="h", y=-0.35), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],
+                  xaxis=dict(title=dict(text="epoch")),
+                  yaxis=dict(title=dict(text="‖g‖ before clipping"), type="log", dtick="D2", range=decades(values)))
+    return dict(data=traces, layout=layout)
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -181,11 +194,11 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
     m2.metric("Validation perplexity", f"{val:.2f}" if val else "–")
     m3.metric("Tokens / s", f"{tps:,.0f}" if tps else "–")
     m4.metric("Gradient norm", f"{g:.3g}" if g else "–")
-    st.plotly_chart(perplexity_figure(overlay), width="stretch", key="train_chart_ppl")
+    live_plot(perplexity_figure(overlay), key="train_chart_ppl")
     left, right = st.columns([3, 2])
     with left:
         if snap.epoch:
-            st.plotly_chart(grad_figure(snap), width="stretch", key="train_chart_grad")
+            live_plot(grad_figure(snap), key="train_chart_grad")
     with right:
         st.markdown("**Samples after “time traveller”**, newest first")
         rows = "".join(f"<div><code>{epoch:>5}</code> {html.escape(text)}</div>"

@@ -43,11 +43,13 @@ def app(page=None):
 
 
 def chart_points(at, index=0) -> int:
-    charts = at.get("plotly_chart")
-    if not charts:
+    """Points of the first curve of the page's index-th Plotly chart: st.plotly_chart's, or the
+    Train page's live charts (pages/live_plot.py)."""
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")] + \
+            [json.loads(c.proto.json) for c in at.get("bidi_component") if c.proto.component_name.endswith("live_plot")]
+    if len(specs) <= index:
         return 0
-    spec = json.loads(charts[index].proto.spec)
-    return len(spec["data"][0].get("x", []))
+    return len(specs[index]["data"][0].get("x", []))
 
 
 def poll(at, until, timeout=60.0):

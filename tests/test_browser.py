@@ -15,6 +15,8 @@ from bench.appserver import CHROMIUM_FLAGS, app_server
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
+# points of the first curve in the Train page's perplexity chart (Plotly keeps the data on the div)
+LIVE_POINTS = "(document.querySelector('.charrnn-plot')?.data?.[0]?.x?.length ?? 0)"
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +85,12 @@ def test_train_start_watch_stop(page, server):
     epochs.fill("300")
     epochs.press("Enter")
     page.get_by_role("button", name="Start").click()
-    # the chart appears and grows while the run trains
-    chart = page.locator("[data-testid=stPlotlyChart]").first
-    expect(chart).to_be_visible(timeout=60_000)
+    # the live chart (pages/live_plot.py) appears and grows while the run trains
+    expect(page.locator(".charrnn-plot .main-svg").first).to_be_visible(timeout=60_000)
     page.wait_for_function(  # the progress line reads "... — epoch N / 300 · ..." with N >= 3
         "() => { const m = document.body.innerText.match(/epoch (\\d+) \\/ 300/); return m && +m[1] >= 3; }",
         timeout=60_000)
+    page.wait_for_function(LIVE_POINTS + " >= 3", timeout=10_000)
     page.wait_for_timeout(1500)
     shot(page, "train")
     progress = page.get_by_test_id("stProgress").inner_text()
@@ -150,8 +152,8 @@ def test_train_on_uploads_bad_and_good(page, server, tmp_path):
     dropzone.set_input_files(str(good))
     settled(page, "mine.txt")
     page.get_by_role("button", name="Start").click()
-    expect(page.get_by_text("· mine.txt —")).to_be_visible(timeout=60_000)   # the label names the text   # the run's label names its text
-    expect(page.locator("[data-testid=stPlotlyChart]").first).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("· mine.txt —")).to_be_visible(timeout=60_000)   # the run's label names its text
+    expect(page.locator(".charrnn-plot .main-svg").first).to_be_visible(timeout=60_000)
     page.get_by_role("button", name="Stop").click()
     expect(page.get_by_text("· stopped")).to_be_visible(timeout=10_000)
     shot(page, "train-upload")

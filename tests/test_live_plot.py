@@ -1,0 +1,44 @@
+"""The Train page's live charts (pages/live_plot.py): plotly.js put where Streamlit serves it, and
+st.plotly_chart where it cannot be."""
+import filecmp
+from pathlib import Path
+
+import plotly
+import pytest
+
+from pages import live_plot
+from tests.test_app import app, chart_points, jobs, poll  # noqa: F401 (jobs: the fixture)
+
+SOURCE = Path(plotly.__file__).parent / "package_data" / live_plot.PLOTLY_JS
+
+
+@pytest.fixture
+def static(monkeypatch, tmp_path):
+    def use(folder):
+        monkeypatch.setattr(live_plot, "STATIC", folder)
+        live_plot.plotly_served.cache_clear()
+    yield use
+    live_plot.plotly_served.cache_clear()
+
+
+def test_plotly_js_is_copied_once(static, tmp_path):
+    static(tmp_path / "static")
+    assert live_plot.plotly_served()
+    target = tmp_path / "static" / live_plot.PLOTLY_JS
+    assert filecmp.cmp(target, SOURCE, shallow=False)
+    assert [p.name for p in target.parent.iterdir()] == [live_plot.PLOTLY_JS]   # no temporary file left
+
+
+def test_unwritable_static_folder_falls_back_to_st_plotly_chart(static, tmp_path, jobs):
+    (tmp_path / "a-file").write_text("")
+    static(tmp_path / "a-file" / "static")        # cannot be made
+    assert not live_plot.plotly_served()
+    at = app("train")
+    at.selectbox(key="train_model").set_value("rnn").run()
+    at.number_input(key="train_hidden_rnn").set_value(16)
+    at.number_input(key="train_epochs").set_value(5)
+    at.run()
+    at.button(key="start").click().run()
+    assert poll(at, lambda a: not jobs.running() and chart_points(a) >= 2)
+    assert len(at.get("plotly_chart")) == 2 and not at.get("bidi_component")
+    assert not at.exception and not at.error

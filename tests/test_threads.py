@@ -1,0 +1,75 @@
+"""CPU threads per run: a job's count is its own thread's, never the process's (the app's other
+threads and later runs keep theirs)."""
+import threading
+
+import pytest
+import torch
+
+from charrnn.device import cpu_threads, default_threads
+from charrnn.jobs import Job
+from charrnn.train import TrainConfig, Trainer
+
+needs_two = pytest.mark.skipif(torch.get_num_threads() < 2, reason="this machine gives PyTorch one thread")
+
+
+def in_thread(fn):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("value", fn()))
+    t.start()
+    t.join(60)
+    return out["value"]
+
+
+@needs_two
+def test_cpu_threads_is_per_thread_and_restored():
+    before = torch.get_num_threads()
+    inside = threading.Event()
+    leave = threading.Event()
+    seen = {}
+
+    def worker():
+        with cpu_threads(1):
+            seen["worker"] = torch.get_num_threads()
+            inside.set()
+            leave.wait(30)
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(30)
+    seen["main"] = torch.get_num_threads()                      # while the worker holds 1 thread
+    seen["new"] = in_thread(torch.get_num_threads)              # a thread started meanwhile
+    leave.set()
+    t.join(30)
+    assert seen == {"worker": 1, "main": before, "new": before, "after": before}
+    assert default_threads() == before
+
+
+def test_zero_leaves_the_count_alone():
+    before = torch.get_num_threads()
+    with cpu_threads(0):
+        assert torch.get_num_threads() == before
+
+
+@needs_two
+def test_a_job_trains_on_its_threads_only(corpus):
+    seen = []
+    job = Job(TrainConfig(model="rnn", hidden_size=16, epochs=2, threads=1), corpus)
+    original = job.trainer.train_epoch
+
+    def spy(stop=None):
+        seen.append(torch.get_num_threads())
+        return original(stop)
+
+    job.trainer.train_epoch = spy
+    job.start().join(60)
+    assert job.snapshot().status == "finished"
+    assert seen == [1, 1] and torch.get_num_threads() == in_thread(torch.get_num_threads) >= 2
+    assert "--threads 1" in job.cli_command()
+
+
+def test_threads_are_checked(corpus):
+    with pytest.raises(ValueError, match="Threads must be between 0"):
+        TrainConfig(threads=-1)
+    trainer = Trainer(TrainConfig(model="rnn", hidden_size=16, epochs=1, threads=1), corpus)
+    assert [s.epoch for s in trainer.run()] == [0, 1]
