@@ -11,6 +11,7 @@ ends, Save; tokens/s is read from the saved checkpoint (training time only, as t
 """
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -35,7 +36,25 @@ def cli_run(epochs: int, threads: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
-def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, closed: bool) -> float:
+def browser_cpu_seconds() -> float:
+    """CPU seconds used so far by the Chromium processes this script started (Linux /proc)."""
+    parent, comm = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        parent[int(pid)], comm[int(pid)] = int(rest[1]), (name, int(rest[11]) + int(rest[12]))
+    ours, grown = set(), {os.getpid()}
+    while grown != ours:                 # this process and its descendants, whatever their pid order
+        ours, grown = grown, grown | {pid for pid, ppid in parent.items() if ppid in grown}
+    ticks = sum(comm[pid][1] for pid in ours if "chrom" in comm[pid][0])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, closed: bool) -> tuple[float, float]:
+    """(tokens/s of the app's run, Chromium's CPU use meanwhile in cores)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{url}/train")
     page.wait_for_selector("[data-testid=stApp]")
@@ -46,6 +65,7 @@ def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, c
     page.get_by_role("button", name="Start").click()
     expect(page.get_by_role("button", name="Stop")).to_be_enabled(timeout=30_000)
     expect(page.get_by_text(f"run{run} · ").first).to_be_visible()
+    t0, cpu0 = time.monotonic(), browser_cpu_seconds()
     if closed:  # no browser while it trains: only the server's own cost remains
         page.close()
         time.sleep(epochs * 0.1)
@@ -54,6 +74,7 @@ def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, c
         page.wait_for_selector("[data-testid=stApp]")
     expect(page.get_by_text(f"epoch {epochs} / {epochs}")).to_be_visible(timeout=epochs * 10_000)
     expect(page.get_by_text("· finished")).to_be_visible()
+    browser_cores = (browser_cpu_seconds() - cpu0) / (time.monotonic() - t0)
     expect(page.get_by_role("button", name="Save")).to_be_visible()      # the full rerun after the end
     expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
     box = page.get_by_role("textbox", name="Checkpoint name")
@@ -65,7 +86,7 @@ def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, c
     expect(saved).to_be_visible()
     path = re.search(r"Saved (.*\.safetensors)", saved.inner_text()).group(1)  # the name box may have been reset
     page.close()
-    return read_metadata(path)["metrics"]["tokens_per_s"]
+    return read_metadata(path)["metrics"]["tokens_per_s"], browser_cores
 
 
 def main():
@@ -77,18 +98,21 @@ def main():
                     help="the CLI's --threads (default 0: all cores, its default; the app leaves one core free)")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
-    cli, app = [], []
+    cli, app, cores = [], [], []
     with app_server({"CHARRNN_CHECKPOINTS": str(folder)}) as (_, url), sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
         for r in range(args.rounds):
             cli.append(cli_run(args.epochs, args.cli_threads))
-            app.append(app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1, args.closed))
-            print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s", flush=True)
+            tokens_per_s, browser_cores = app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1, args.closed)
+            app.append(tokens_per_s)
+            cores.append(browser_cores)
+            print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s, "
+                  f"Chromium {browser_cores:.2f} cores meanwhile", flush=True)
         browser.close()
     c, a = statistics.median(cli), statistics.median(app)
     print(json.dumps({"epochs": args.epochs, "page": "closed" if args.closed else "open", "cli_threads": args.cli_threads or "all",
                       "cli_tokens_per_s": c, "app_tokens_per_s": a,
-                      "app_over_cli": round(a / c, 3)}))
+                      "app_over_cli": round(a / c, 3), "browser_cores": round(statistics.median(cores), 3)}))
 
 
 if __name__ == "__main__":
