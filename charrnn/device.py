@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,14 +47,19 @@ def _thread_setters():
     count and MKL's local count are the calling thread's own: ATen's parallel ops read the former
     (omp_get_max_threads), MKL the latter."""
     lib = Path(torch.__file__).parent / "lib"
-    try:
-        omp = ctypes.CDLL(str(lib / "libgomp.so.1")).omp_set_num_threads
-        mkl = ctypes.CDLL(str(lib / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local  # the C API, by value
-    except (OSError, AttributeError):      # a build without GNU OpenMP or MKL (macOS, ARM)
+    try:  # RTLD_NOLOAD: only the copies PyTorch already loaded, never a second OpenMP runtime
+        omp = ctypes.CDLL(str(lib / "libgomp.so.1"), mode=os.RTLD_NOLOAD).omp_set_num_threads
+        mkl = ctypes.CDLL(str(lib / "libtorch_cpu.so"), mode=os.RTLD_NOLOAD).MKL_Set_Num_Threads_Local  # C API, by value
+    except (OSError, AttributeError):      # a build without GNU OpenMP or MKL (conda's, macOS, ARM)
         return None
     omp.argtypes = mkl.argtypes = [ctypes.c_int]
     omp.restype, mkl.restype = None, ctypes.c_int
     return omp, mkl
+
+
+def threads_settable() -> bool:
+    """Whether a run's CPU threads can be set apart from the rest of the process here."""
+    return _thread_setters() is not None
 
 
 def default_threads() -> int:
@@ -64,8 +70,8 @@ def default_threads() -> int:
 @contextmanager
 def cpu_threads(n: int):
     """Inside, the calling thread's CPU ops run on `n` threads (0: leave the count as it is);
-    other threads keep theirs. Where PyTorch has no GNU OpenMP and MKL (macOS, ARM builds) it
-    changes nothing."""
+    other threads keep theirs. Where PyTorch has no GNU OpenMP and MKL (conda, macOS and ARM
+    builds; `threads_settable()` says) it changes nothing."""
     setters = _thread_setters() if n > 0 else None
     if setters is None:
         yield

@@ -224,7 +224,8 @@ class Trainer:
 
         Yields epoch 0 (the untrained model) on a fresh trainer. Returns early, without an event,
         when `stop` is set; raises TrainingDiverged (weights restored to the last good epoch)
-        when the loss stops being finite.
+        when the loss stops being finite. `config.threads` applies to the thread that iterates
+        it, so iterate it on one thread (a job's worker, the CLI's main thread).
         """
         with cpu_threads(self.config.threads):   # this thread's ops only: the app's other threads keep theirs
             yield from self._run(stop)

@@ -3,13 +3,14 @@
     live_plot(figure, key="ppl")     # figure: a plain Plotly dict, {"data": [...], "layout": {...}}
 
 st.plotly_chart rebuilds its chart through a React render on every rerun; at the live view's one
-redraw a second, two of them cost a headless Chromium about a third of a core, which on a small
-machine comes straight out of training. This component keeps one Plotly chart per key alive in the
+redraw a second, the Train page with two of them cost a headless Chromium 0.44 of a core, 0.25
+with this component (README, Performance), which on a small machine comes out of training. This component keeps one Plotly chart per key alive in the
 page and hands it each new figure with Plotly.react, which redraws in place.
 
 Plotly.js is the copy that ships inside the plotly Python package; it is copied to static/ beside
-app.py (git-ignored) and served by Streamlit's static file serving (.streamlit/config.toml). Where
-that copy cannot be made the charts fall back to st.plotly_chart.
+app.py (the folder is in git, the file is ignored) and served by Streamlit's static file serving
+(.streamlit/config.toml). Where that copy cannot be made, or static serving is off, the charts
+fall back to st.plotly_chart.
 """
 from __future__ import annotations
 
@@ -24,10 +25,15 @@ import streamlit as st
 
 STATIC = Path(__file__).resolve().parent.parent / "static"   # Streamlit serves it as /app/static/
 PLOTLY_JS = "plotly.min.js"
+# relative to the page (/train), so a server.baseUrlPath works too; the version makes a browser
+# fetch the new file after plotly is upgraded
+SCRIPT_URL = f"app/static/{PLOTLY_JS}?v={plotly.__version__}"
 
-# Runs in the page each time the data changes; `parentElement` stays the same for a given key, so
-# the chart is created once and updated after that. The page's font and text colour are applied,
-# so the chart follows the light or dark theme as st.plotly_chart does.
+# Streamlit calls this function when the chart first mounts and again whenever its data (or the
+# theme) changes; `parentElement` stays the same while the chart stays mounted, so the Plotly div
+# is made once and updated after that. The page's font and text colour are applied, so the chart
+# follows the light or dark theme as st.plotly_chart does. The function it returns runs when the
+# chart unmounts (another page, or a rerun without it) and frees Plotly's div and listeners.
 JS = f"""
 export default function ({{ data, parentElement }}) {{
   let div = parentElement.querySelector("div.charrnn-plot");
@@ -45,17 +51,18 @@ export default function ({{ data, parentElement }}) {{
     for (const axis of ["xaxis", "yaxis"]) layout[axis] = {{ gridcolor: grid, zerolinecolor: grid, ...layout[axis] }};
     window.Plotly.react(div, data.data, layout, {{ displaylogo: false, responsive: true }});
   }};
-  if (window.Plotly) return draw();
-  if (!window.charrnnPlotly) {{
+  if (!window.Plotly && !window.charrnnPlotly) {{
     window.charrnnPlotly = new Promise((resolve, reject) => {{
       const script = document.createElement("script");
-      script.src = "app/static/{PLOTLY_JS}";
+      script.src = "{SCRIPT_URL}";
       script.onload = resolve;
-      script.onerror = reject;
+      script.onerror = () => {{ window.charrnnPlotly = null; reject(); }};  // the next draw tries again
       document.head.appendChild(script);
     }});
   }}
-  window.charrnnPlotly.then(draw, () => {{ div.textContent = "The chart could not load plotly.js."; }});
+  if (window.Plotly) draw();
+  else window.charrnnPlotly.then(draw, () => {{ div.textContent = "The chart could not load plotly.js."; }});
+  return () => window.Plotly?.purge(div);
 }}
 """
 
@@ -64,7 +71,10 @@ _component = st.components.v2.component("charrnn_live_plot", js=JS, isolate_styl
 
 @functools.cache
 def plotly_served() -> bool:
-    """Put plotly.js where Streamlit serves static files, once per process. False if it cannot."""
+    """Put plotly.js where Streamlit serves static files, once per process. False if it cannot
+    be, or if static serving is off (a command-line flag can turn it off)."""
+    if not st.get_option("server.enableStaticServing"):
+        return False
     source = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
     target = STATIC / PLOTLY_JS
     tmp = None
@@ -72,9 +82,10 @@ def plotly_served() -> bool:
         if target.is_file() and target.stat().st_size == source.stat().st_size:
             return True
         STATIC.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=STATIC, prefix=".plotly-", delete=False) as out, source.open("rb") as src:
-            tmp = Path(out.name)
-            shutil.copyfileobj(src, out)
+        with source.open("rb") as src:
+            with tempfile.NamedTemporaryFile(dir=STATIC, prefix=".plotly-", delete=False) as out:
+                tmp = Path(out.name)
+                shutil.copyfileobj(src, out)
         tmp.chmod(0o644)
         os.replace(tmp, target)                     # atomic: another process never sees half a file
         return True

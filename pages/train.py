@@ -12,7 +12,7 @@ import streamlit as st
 
 from charrnn.checkpoint import CheckpointError
 from charrnn.data import MAX_CORPUS_BYTES, CorpusError, decode_text
-from charrnn.device import available_devices, default_threads
+from charrnn.device import available_devices, default_threads, threads_settable
 from charrnn.jobs import JobBusy, Snapshot
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
 from charrnn.train import MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig
@@ -79,10 +79,17 @@ def settings_ui() -> dict:
                                            "with AMX or AVX512-BF16, the scratch RNN and nn.RNN), else fp32. "
                                            "Weights, evaluation and generation stay fp32.")
         cores = default_threads()
-        s["threads"] = st.number_input("CPU threads", 1, MAX_THREADS, max(1, cores - 1), key="train_threads", persist_state="session",
-                                       help=f"Threads for the run's CPU ops ({cores} here). The app leaves one core "
-                                            "to this server and your browser, so redrawing the page does not "
-                                            "slow training; the command line uses them all (--threads).")
+        if threads_settable():
+            s["threads"] = st.number_input(
+                "CPU threads", 1, MAX_THREADS, max(1, cores - 1), key="train_threads", persist_state="session",
+                help=f"Threads for the run's CPU ops ({cores} cores here). The default leaves one core to "
+                     "this server and a browser on the same machine, so redrawing the page does not slow "
+                     "training; with the browser elsewhere, or the page closed, all cores train faster. "
+                     "The command line uses all of them unless told (--threads).")
+        else:
+            s["threads"] = 0
+            st.number_input("CPU threads", value=cores, disabled=True, key="train_threads_all",
+                            help="This PyTorch build cannot give a run its own thread count, so runs use every core.")
     if s["model"] == "scratch":
         s["num_layers"], s["bidirectional"] = 1, False
     return s
@@ -118,13 +125,12 @@ def corpus_ui():
 # -----------------------------------------------------------------------------
 # drawing a run
 
-def thin(xs: list, ys: list) -> tuple[list, list]:
-    """At most MAX_POINTS points, evenly spaced, always keeping the last."""
+def curve(xs: list, ys: list) -> tuple[list, list]:
+    """A curve's points for the chart: at most MAX_POINTS, evenly spaced, always keeping the last,
+    with NaN and infinity as None (a gap: JSON has no NaN, and the browser's parser rejects it)."""
     n = len(xs)
-    if n <= MAX_POINTS:
-        return xs, ys
-    idx = sorted(set(range(0, n, n // MAX_POINTS + 1)) | {n - 1})
-    return [xs[i] for i in idx], [ys[i] for i in idx]
+    idx = range(n) if n <= MAX_POINTS else sorted(set(range(0, n, n // MAX_POINTS + 1)) | {n - 1})
+    return [xs[i] for i in idx], [ys[i] if math.isfinite(ys[i]) else None for i in idx]
 
 
 def hline(y: float, color: str, text: str, left: bool) -> tuple[dict, dict]:
@@ -141,13 +147,14 @@ def perplexity_figure(snaps: list[Snapshot]) -> dict:
     for i, s in enumerate(snaps):
         color = COLORS[i % len(COLORS)]
         ep = s.columns["epoch"]
-        x, y = thin(ep[1:], s.columns["train_ppl"][1:])
-        traces.append(dict(type="scatter", x=x, y=y, name=f"{s.label} · train", mode="lines", line=dict(color=color)))
-        x, y = thin(ep, s.columns["val_ppl"])
-        traces.append(dict(type="scatter", x=x, y=y, name=f"{s.label} · validation", mode="lines",
+        label = html.escape(s.label)  # Plotly reads tags in names; an uploaded file's name is the user's
+        x, y = curve(ep[1:], s.columns["train_ppl"][1:])
+        traces.append(dict(type="scatter", x=x, y=y, name=f"{label} · train", mode="lines", line=dict(color=color)))
+        x, y = curve(ep, s.columns["val_ppl"])
+        traces.append(dict(type="scatter", x=x, y=y, name=f"{label} · validation", mode="lines",
                            line=dict(color=color, dash="dot")))
     lines = [hline(vocab, "gray", f"uniform guess = vocab size ({vocab})", True), hline(1, "green", "perfect = 1", True)]
-    top = max([vocab] + [v for s in snaps for v in s.columns["train_ppl"] + s.columns["val_ppl"] if v == v])
+    top = max([vocab] + [v for s in snaps for v in s.columns["train_ppl"] + s.columns["val_ppl"] if math.isfinite(v)])
     layout = dict(height=380, margin=dict(l=60, r=10, t=30, b=10), uirevision="ppl",
                   legend=dict(orientation="h", y=-0.2), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],
                   xaxis=dict(title=dict(text="epoch")),
@@ -166,9 +173,10 @@ def decades(values: list[float]) -> list[float]:
 def grad_figure(s: Snapshot) -> dict:
     ep = s.columns["epoch"][1:]
     values = s.columns["grad_norm"][1:] + s.columns["grad_norm_max"][1:] + ([s.config.clip] if s.config.clip > 0 else [])
-    traces = [dict(type="scatter", x=ep, y=s.columns["grad_norm"][1:], name="mean ‖g‖", mode="lines"),
-              dict(type="scatter", x=ep, y=s.columns["grad_norm_max"][1:], name="max ‖g‖", mode="lines",
-                   line=dict(dash="dot"))]
+    traces = []
+    for column, name, line in [("grad_norm", "mean ‖g‖", {}), ("grad_norm_max", "max ‖g‖", dict(dash="dot"))]:
+        x, y = curve(ep, s.columns[column][1:])
+        traces.append(dict(type="scatter", x=x, y=y, name=name, mode="lines", line=line))
     lines = [hline(s.config.clip, "red", f"θ = {s.config.clip:g}: above it, clipping bites", False)] if s.config.clip > 0 else []
     layout = dict(height=220, margin=dict(l=60, r=10, t=30, b=10), uirevision="grad",
                   legend=dict(orientation="h", y=-0.35), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],

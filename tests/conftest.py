@@ -1,6 +1,7 @@
 """Shared fixtures. Tests read The Time Machine from ../shared/data (or CHARRNN_DATA) and never
 touch the network; checkpoints they write go to a temporary folder."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,21 @@ def ckpt_dir(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setenv("CHARRNN_CHECKPOINTS", str(folder))
     return folder
+
+
+@pytest.fixture
+def jobs(tmp_path, monkeypatch):
+    """The app's process-wide job registry, emptied before and stopped after the test; a
+    checkpoints folder holding only the shipped model."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(ROOT / "checkpoints" / "default.safetensors", folder)
+    monkeypatch.setenv("CHARRNN_CHECKPOINTS", str(folder))
+    from pages.common import registry
+    reg = registry()
+    reg.stop_all()
+    for job in reg.jobs():
+        reg.remove(job.id)
+    yield reg
+    reg.stop_all()
+    assert reg.running() is None

@@ -1,10 +1,9 @@
 """The app's pages through streamlit.testing.v1.AppTest: Home, Train (a live job), Generate.
 
 AppTest never fires `run_every`, so the tests poll with at.run() until a deadline. Every job a
-test starts is stopped by the `jobs` fixture.
+test starts is stopped by the `jobs` fixture (tests/conftest.py).
 """
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -12,24 +11,6 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def jobs(tmp_path, monkeypatch):
-    """The app's process-wide job registry, emptied before and stopped after the test; a
-    checkpoints folder holding only the shipped model."""
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    shutil.copy(ROOT / "checkpoints" / "default.safetensors", folder)
-    monkeypatch.setenv("CHARRNN_CHECKPOINTS", str(folder))
-    from pages.common import registry
-    reg = registry()
-    reg.stop_all()
-    for job in reg.jobs():
-        reg.remove(job.id)
-    yield reg
-    reg.stop_all()
-    assert reg.running() is None
 
 
 def app(page=None):
@@ -42,11 +23,22 @@ def app(page=None):
     return at
 
 
+def strict_json(text: str):
+    """json.loads as a browser's JSON.parse reads it: NaN and Infinity are errors."""
+    def refuse(name):
+        raise ValueError(f"{name} in chart data: the browser cannot parse it")
+    return json.loads(text, parse_constant=refuse)
+
+
+def live_charts(at) -> list[dict]:
+    """The Train page's live charts (pages/live_plot.py), as the figures the browser receives."""
+    return [strict_json(c.proto.json) for c in at.get("bidi_component") if c.proto.component_name.endswith("live_plot")]
+
+
 def chart_points(at, index=0) -> int:
     """Points of the first curve of the page's index-th Plotly chart: st.plotly_chart's, or the
-    Train page's live charts (pages/live_plot.py)."""
-    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")] + \
-            [json.loads(c.proto.json) for c in at.get("bidi_component") if c.proto.component_name.endswith("live_plot")]
+    Train page's live charts."""
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")] + live_charts(at)
     if len(specs) <= index:
         return 0
     return len(specs[index]["data"][0].get("x", []))
@@ -83,6 +75,7 @@ def test_train_live_chart_stop_and_save(jobs):
     job = jobs.running()
     assert job is not None
     assert poll(at, lambda a: chart_points(a) >= 2), "the perplexity chart never grew"
+    assert len(live_charts(at)) == 2 and not at.get("plotly_chart")       # drawn in place, not by st.plotly_chart
     assert any(m.label == "Tokens / s" for m in at.metric)
     # a second Start while one runs is refused (the button is disabled; a race gets JobBusy)
     assert at.button(key="start").disabled
@@ -100,6 +93,21 @@ def test_train_live_chart_stop_and_save(jobs):
     at.button(key="save").click().run()
     assert any("Saved" in s.value for s in at.success), [e.value for e in at.error]
     assert (Path(str(jobs.get(job.id).saved[0]))).is_file()
+
+
+def test_a_run_without_validation_or_with_odd_labels_draws(jobs):
+    """A run with no validation tokens (a short upload) has a validation curve of gaps (None), never
+    NaN, which the browser's JSON parser would refuse; a file name with tags is shown as text."""
+    from charrnn.data import load_corpus
+    from charrnn.train import TrainConfig
+    corpus = load_corpus("<b>x</b>.txt", "seed", 0, val_tokens=0, text="the time machine by h g wells " * 3)
+    assert corpus.val is None
+    job = jobs.start(TrainConfig(model="rnn", hidden_size=8, batch_size=2, num_steps=3, epochs=3), corpus)
+    job.join(60)
+    at = app("train")
+    figure = live_charts(at)[0]
+    assert figure["data"][1]["y"] and set(figure["data"][1]["y"]) == {None}
+    assert "<b>" not in figure["data"][0]["name"] and "&lt;b&gt;" in figure["data"][0]["name"]
 
 
 def test_train_divergence_is_one_readable_sentence(jobs):

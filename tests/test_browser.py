@@ -50,8 +50,11 @@ def page(browser, server):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
     pg.set_default_timeout(30_000)
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))     # uncaught exceptions in the page's scripts
     yield pg
     context.close()
+    assert not errors, errors
 
 
 def open_page(page, server, path=""):

@@ -7,7 +7,7 @@ import plotly
 import pytest
 
 from pages import live_plot
-from tests.test_app import app, chart_points, jobs, poll  # noqa: F401 (jobs: the fixture)
+from tests.test_app import app, chart_points, poll
 
 SOURCE = Path(plotly.__file__).parent / "package_data" / live_plot.PLOTLY_JS
 
@@ -27,6 +27,17 @@ def test_plotly_js_is_copied_once(static, tmp_path):
     target = tmp_path / "static" / live_plot.PLOTLY_JS
     assert filecmp.cmp(target, SOURCE, shallow=False)
     assert [p.name for p in target.parent.iterdir()] == [live_plot.PLOTLY_JS]   # no temporary file left
+
+
+def test_static_serving_off_falls_back(static, tmp_path):
+    from streamlit import config
+    static(tmp_path / "static")
+    before = config.get_option("server.enableStaticServing")
+    config.set_option("server.enableStaticServing", False)   # e.g. --server.enableStaticServing false
+    try:
+        assert not live_plot.plotly_served()
+    finally:
+        config.set_option("server.enableStaticServing", before)
 
 
 def test_unwritable_static_folder_falls_back_to_st_plotly_chart(static, tmp_path, jobs):

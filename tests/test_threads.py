@@ -5,11 +5,21 @@ import threading
 import pytest
 import torch
 
-from charrnn.device import cpu_threads, default_threads
+from charrnn.device import _thread_setters, cpu_threads, default_threads
 from charrnn.jobs import Job
 from charrnn.train import TrainConfig, Trainer
 
-needs_two = pytest.mark.skipif(torch.get_num_threads() < 2, reason="this machine gives PyTorch one thread")
+needs_two = pytest.mark.skipif(torch.get_num_threads() < 2 or _thread_setters() is None,
+                               reason="PyTorch has one thread here, or no GNU OpenMP and MKL to set per thread")
+
+
+def mkl_threads() -> int:
+    """MKL's thread count for the calling thread (what its matmuls, bf16 ones included, use)."""
+    import ctypes
+    from pathlib import Path
+    fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Get_Max_Threads
+    fn.restype = ctypes.c_int
+    return fn()
 
 
 def in_thread(fn):
@@ -30,18 +40,22 @@ def test_cpu_threads_is_per_thread_and_restored():
     def worker():
         with cpu_threads(1):
             seen["worker"] = torch.get_num_threads()
+            seen["worker_mkl"] = mkl_threads()
             inside.set()
             leave.wait(30)
         seen["after"] = torch.get_num_threads()
+        seen["after_mkl"] = mkl_threads()
 
     t = threading.Thread(target=worker)
     t.start()
     assert inside.wait(30)
     seen["main"] = torch.get_num_threads()                      # while the worker holds 1 thread
+    seen["main_mkl"] = mkl_threads()
     seen["new"] = in_thread(torch.get_num_threads)              # a thread started meanwhile
     leave.set()
     t.join(30)
-    assert seen == {"worker": 1, "main": before, "new": before, "after": before}
+    assert seen == {"worker": 1, "worker_mkl": 1, "main": before, "main_mkl": before, "new": before,
+                    "after": before, "after_mkl": before}
     assert default_threads() == before
 
 
