@@ -74,6 +74,9 @@ def test_train_live_chart_stop_and_save(jobs):
     assert not at.exception and not at.error, [e.value for e in at.error]
     job = jobs.running()
     assert job is not None
+    from charrnn.device import default_threads, threads_settable
+    if threads_settable():        # the run leaves a core to the server and the browser
+        assert job.config.threads == at.number_input(key="train_threads").value == max(1, default_threads() - 1)
     assert poll(at, lambda a: chart_points(a) >= 2), "the perplexity chart never grew"
     assert len(live_charts(at)) == 2 and not at.get("plotly_chart")       # drawn in place, not by st.plotly_chart
     assert any(m.label == "Tokens / s" for m in at.metric)
