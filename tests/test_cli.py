@@ -47,6 +47,7 @@ def test_train_json_save_and_generate(ckpt_dir):
     (("train", "--lr", "abc"), "invalid float"),
     (("train", "--model", "gru", "--precision", "bf16"), "Precision bf16 is not available"),
     (("train", "--precision", "fp16"), "invalid choice"),
+    (("train", "--threads", "-1"), "Threads must be between 0"),
     (("generate", "--checkpoint", "/nonexistent/model.safetensors"), "No checkpoint"),
     (("generate", "--checkpoint", "../x"), "No checkpoint"),
     (("generate", "--checkpoint", "bad name"), "not a usable checkpoint name"),
