@@ -38,22 +38,22 @@ def cli_run(epochs: int, threads: int) -> float:
 
 def browser_cpu_seconds() -> float:
     """CPU seconds used so far by the Chromium processes this script started (Linux /proc)."""
-    parent, comm = {}, {}
+    parent, proc = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
         name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        parent[int(pid)], comm[int(pid)] = int(rest[1]), (name, int(rest[11]) + int(rest[12]))
+        parent[int(pid)], proc[int(pid)] = int(rest[1]), (name, int(rest[11]) + int(rest[12]))  # utime + stime
     ours, grown = set(), {os.getpid()}
     while grown != ours:                 # this process and its descendants, whatever their pid order
         ours, grown = grown, grown | {pid for pid, ppid in parent.items() if ppid in grown}
-    ticks = sum(comm[pid][1] for pid in ours if "chrom" in comm[pid][0])
+    ticks = sum(proc[pid][1] for pid in ours if "chrom" in proc[pid][0])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def app_run(browser, url: str, folder: Path, epochs: int, name: str, run: int, closed: bool) -> tuple[float, float]:
+def app_run(browser, url: str, epochs: int, name: str, run: int, closed: bool) -> tuple[float, float]:
     """(tokens/s of the app's run, Chromium's CPU use meanwhile in cores)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{url}/train")
@@ -103,7 +103,7 @@ def main():
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
         for r in range(args.rounds):
             cli.append(cli_run(args.epochs, args.cli_threads))
-            tokens_per_s, browser_cores = app_run(browser, url, folder, args.epochs, f"bench{r}", r + 1, args.closed)
+            tokens_per_s, browser_cores = app_run(browser, url, args.epochs, f"bench{r}", r + 1, args.closed)
             app.append(tokens_per_s)
             cores.append(browser_cores)
             print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s, "

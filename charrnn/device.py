@@ -64,7 +64,7 @@ def threads_settable() -> bool:
 
 def default_threads() -> int:
     """The CPU threads PyTorch gives a thread that has not set its own: one per core it uses."""
-    return max(1, torch.get_num_threads())
+    return torch.get_num_threads()
 
 
 @contextmanager

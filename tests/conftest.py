@@ -31,13 +31,10 @@ def ckpt_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def jobs(tmp_path, monkeypatch):
+def jobs(ckpt_dir):
     """The app's process-wide job registry, emptied before and stopped after the test; a
     checkpoints folder holding only the shipped model."""
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    shutil.copy(ROOT / "checkpoints" / "default.safetensors", folder)
-    monkeypatch.setenv("CHARRNN_CHECKPOINTS", str(folder))
+    shutil.copy(ROOT / "checkpoints" / "default.safetensors", ckpt_dir)
     from pages.common import registry
     reg = registry()
     reg.stop_all()

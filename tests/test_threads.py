@@ -5,11 +5,11 @@ import threading
 import pytest
 import torch
 
-from charrnn.device import _thread_setters, cpu_threads, default_threads
+from charrnn.device import cpu_threads, default_threads, threads_settable
 from charrnn.jobs import Job
 from charrnn.train import TrainConfig, Trainer
 
-needs_two = pytest.mark.skipif(torch.get_num_threads() < 2 or _thread_setters() is None,
+needs_two = pytest.mark.skipif(torch.get_num_threads() < 2 or not threads_settable(),
                                reason="PyTorch has one thread here, or no GNU OpenMP and MKL to set per thread")
 
 
