@@ -94,6 +94,7 @@ class TanhRNNLayer(torch.autograd.Function):
             Wb = W.to(torch.bfloat16)                            # keeps a transposed view's layout
             Hb = _forward_bf16(Hs, H0, Wb)
             ctx.save_for_backward(X, W_in, Wb, Hs, Hb)
+            Hs._bf16_copy = (Hb[1:], Hs._version)                # bf16(Hs), for the head (bf16_copy)
         else:
             W = W.contiguous()                                   # a transposed view: ~30% slower mm
             H = H0
@@ -196,6 +197,56 @@ def tanh_rnn_layer(X, W_in, b, H0, W, bf16: bool = False):
 
 
 # -----------------------------------------------------------------------------
+# the output layer
+
+class LinearBF16(torch.autograd.Function):
+    """Y = H W + b with its three matmuls (forward, dH, dW) in bf16 on AMX tiles, accumulating in
+    fp32 (charrnn/tanh_rnn.c, "the output layer on AMX tiles"); db and every output stay fp32.
+
+    At the seed's sizes (1120 tokens, h = 512, vocab 28) MKL spends ~1.1 ms a minibatch on these
+    matmuls, fp32 or bf16, because a dimension of 28 leaves it little to work with; on tiles the
+    vocabulary is padded to 32 and the three take a fraction of that. `linear_head` picks it."""
+
+    @staticmethod
+    def forward(ctx, H, W, b, Hb=None):
+        # H: (tokens, h) fp32; W: (h, vocab), row- or column-major; b: (vocab,);
+        # Hb: bf16(H) if the caller has it (the recurrence's copy, see bf16_copy), else None
+        Y, Hb = native.loops().head_forward(H, W, b, Hb)           # Y: (tokens, vocab)
+        ctx.save_for_backward(Hb, W)                               # Hb = bf16(H): (tokens, h)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        Hb, W = ctx.saved_tensors
+        dH, dW, db = native.loops().head_backward(dY.contiguous(), Hb, W)
+        return dH, dW, db, None
+
+
+def bf16_copy(Hs: torch.Tensor) -> torch.Tensor | None:
+    """bf16(Hs), exactly, if the bf16 recurrence that returned Hs still has it (the copies of
+    H_t its forward loop made for the next step's matmul), and Hs was not changed since; else None."""
+    copy = getattr(Hs, "_bf16_copy", None)
+    if copy is None or copy[1] != Hs._version:
+        return None
+    return copy[0]
+
+
+def linear_head(H, W, b, bf16: bool = False, Hb=None):
+    """H W + b for the output layer: H (tokens, h), W (h, vocab), b (vocab,) -> (tokens, vocab).
+
+    With `bf16` (training in bf16, see bf16_now), LinearBF16 where the C library was built, the
+    CPU has AMX and the sizes fill whole tiles (tokens and h multiples of 32); fp32 otherwise, so
+    every machine trains. Hb, if given, is bf16(H), already made (bf16_copy). Written as linear(H, W^T, b): the same numbers as H W + b, but autograd
+    then computes W's gradient as (dY^T H)^T, which MKL runs 2x faster than H^T dY here."""
+    loops = native.loops() if bf16 else None
+    if (loops is not None and b is not None and H.dim() == 2 and H.device.type == "cpu"
+            and H.dtype == W.dtype == b.dtype == torch.float32
+            and loops.head_fits(H.shape[0], H.shape[1], W.shape[1])):
+        return LinearBF16.apply(H.contiguous(), W, b, Hb)
+    return F.linear(H, W.t(), b)
+
+
+# -----------------------------------------------------------------------------
 # the seed's from-scratch RNN
 
 class RNNScratch(nn.Module):
@@ -238,9 +289,10 @@ class RNNScratch(nn.Module):
         return torch.stack(outputs), (H,)                        # (steps, batch, h)
 
     def head(self, Hs):
-        # H W_hq + b_q, written as linear(H, W_hq^T, b_q): the same numbers, but autograd then
-        # computes W_hq's gradient as (dY^T H)^T, which MKL runs 2x faster than H^T dY here
-        return F.linear(Hs.reshape(-1, Hs.shape[-1]), self.W_hq.t(), self.b_q)  # (steps*batch, vocab)
+        h = Hs.shape[-1]
+        Hb = bf16_copy(Hs)
+        return linear_head(Hs.reshape(-1, h), self.W_hq, self.b_q, bf16_now(self),
+                           None if Hb is None else Hb.reshape(-1, h))                   # (steps*batch, vocab)
 
     def forward(self, X, state):
         Hs, state = self.features(X, state)
@@ -301,7 +353,12 @@ class RNNModel(nn.Module):
         return inputs, torch.stack(finals)                        # state: (layers, batch, h)
 
     def head(self, Hs):
-        return self.linear(Hs.reshape(-1, Hs.shape[-1]))          # (steps*batch, vocab)
+        H = Hs.reshape(-1, Hs.shape[-1])
+        if bf16_now(self):                                        # nn.Linear's weight is (vocab, h)
+            Hb = bf16_copy(Hs)
+            return linear_head(H, self.linear.weight.t(), self.linear.bias, True,
+                               None if Hb is None else Hb.reshape(H.shape))
+        return self.linear(H)                                     # (steps*batch, vocab)
 
     def forward(self, X, state):
         Hs, state = self.features(X, state)

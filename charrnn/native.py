@@ -3,6 +3,9 @@
     loops = native.loops()          # None where it cannot be built: the Python loops run instead
     loops.forward(A, Hb, Wb)        # A[t] += Hb[t] @ Wb; A[t] = tanh(A[t]); Hb[t+1] = bf16(A[t])
     loops.backward(dH, dA, H, dAb, Wb)  # dA[t] = (dH[t] + dAb[t+1] @ Wb^T) * (1 - H[t]^2); dAb[t] = bf16(dA[t])
+    if loops.head_fits(tokens, h, vocab):    # the output layer on AMX tiles, in bf16
+        Y, Hb = loops.head_forward(H, W, b)      # Y = bf16(H) @ bf16(W) + b
+        dH, dW, db = loops.head_backward(dY, Hb, W)
 
 The C file has no dependencies: it calls MKL's bf16 matmul through the function pointer that
 charrnn.bf16gemm finds, so the system's C compiler (cc, or $CC) builds it in a fraction of a
@@ -86,7 +89,13 @@ class Loops:
         lib.backward.argtypes = [p, i, i, p, i, i, i, p, p, p, p]
         lib.step_matmuls.argtypes = [p, i, i, p, i, i, p, p, i]
         lib.forward.restype = lib.backward.restype = lib.step_matmuls.restype = None
+        l = ctypes.c_long
+        lib.head_ready.argtypes = []
+        lib.head_forward.argtypes = [i, i, i, p, l, l, p, p, p, p]
+        lib.head_backward.argtypes = [i, i, i, p, l, l, p, p, p, p, p]
+        lib.head_ready.restype = lib.head_forward.restype = lib.head_backward.restype = i
         self._lib = lib
+        self._amx = lib.head_ready() == 1     # asks Linux for the tile state once, for the process
 
     def step_matmuls(self, A: torch.Tensor, C: torch.Tensor, W: torch.Tensor, reps: int) -> None:
         """`reps` times C += A @ W, as the loops run their step matmul (to measure its rate)."""
@@ -125,6 +134,66 @@ class Loops:
         op, ld = self._weight(W, True, h)
         self._lib.backward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, dH.data_ptr(), dA.data_ptr(),
                            H.data_ptr(), dAb.data_ptr())
+
+
+    # ---- the output layer (tanh_rnn.c, "the output layer on AMX tiles") ----
+
+    def head_fits(self, tokens: int, h: int, vocab: int) -> bool:
+        """Whether head_forward/head_backward run here for these sizes: AMX tiles, whole tiles of
+        tokens and hidden units (vocab is padded), and every buffer's size in 32-bit integers."""
+        padded = -(-vocab // 32) * 32
+        return (self._amx and tokens > 0 and h > 0 and vocab > 0 and tokens % 32 == 0 and h % 32 == 0
+                and tokens * max(h, padded) < 2**31 and h * padded < 2**31)
+
+    def _head_check(self, tokens: int, h: int, W: torch.Tensor, **tensors) -> tuple[int, int]:
+        """Checks the head's operands; returns W's element strides (sk, sj) for the C code."""
+        if W.dim() != 2 or W.shape[0] != h:
+            raise ValueError(f"native head: W must be ({h}, vocab), not {tuple(W.shape)}.")
+        vocab = W.shape[1]
+        if not self.head_fits(tokens, h, vocab):
+            raise ValueError(f"native head: {tokens} tokens, hidden {h}, vocab {vocab} do not fit the "
+                             "AMX tiles here (see head_fits).")
+        for name, (x, dtype, shape) in tensors.items():
+            if x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous() or tuple(x.shape) != shape:
+                raise ValueError(f"native head: {name} must be a contiguous {dtype} CPU tensor of shape "
+                                 f"{shape}, not {x.dtype} {tuple(x.shape)}.")
+        ld, column_major = bf16gemm._matrix(W, torch.float32, "W")   # dtype, device, layout
+        return (1, ld) if column_major else (ld, 1)
+
+    def head_forward(self, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+                     Hb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Y, Hb): Y = Hb @ bf16(W) + b, fp32 (tokens, vocab), with Hb = bf16(H) (tokens, h),
+        made here unless the caller has it. H: fp32 (tokens, h); W: fp32 (h, vocab), row- or
+        column-major; b: (vocab,)."""
+        tokens, h = H.shape
+        given = Hb is not None
+        if not given:
+            Hb = torch.empty(tokens, h, dtype=torch.bfloat16)
+        sk, sj = self._head_check(tokens, h, W, H=(H, torch.float32, (tokens, h)),
+                                  b=(b, torch.float32, (W.shape[1],)), Hb=(Hb, torch.bfloat16, (tokens, h)))
+        Y = H.new_empty(tokens, W.shape[1])
+        self._status(self._lib.head_forward(tokens, h, W.shape[1], W.data_ptr(), sk, sj, b.data_ptr(),
+                                            None if given else H.data_ptr(), Hb.data_ptr(), Y.data_ptr()))
+        return Y, Hb
+
+    def head_backward(self, dY: torch.Tensor, Hb: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(dH, dW, db) for head_forward's Y, in fp32; dW has W's layout."""
+        tokens, h = Hb.shape
+        vocab = W.shape[1] if W.dim() == 2 else -1
+        sk, sj = self._head_check(tokens, h, W, dY=(dY, torch.float32, (tokens, vocab)),
+                                  Hb=(Hb, torch.bfloat16, (tokens, h)))
+        dH, db = dY.new_empty(tokens, h), dY.new_empty(vocab)
+        dW = torch.empty_strided(W.shape, W.stride(), dtype=torch.float32)  # W's layout: sk, sj fit it
+        self._status(self._lib.head_backward(tokens, h, vocab, W.data_ptr(), sk, sj, dY.data_ptr(),
+                                             Hb.data_ptr(), dH.data_ptr(), dW.data_ptr(), db.data_ptr()))
+        return dH, dW, db
+
+    @staticmethod
+    def _status(code: int) -> None:
+        if code == -1:
+            raise MemoryError("native head: out of memory for its packed operands.")
+        if code != 0:
+            raise RuntimeError(f"native head: failed ({code}).")
 
 
 @functools.cache

@@ -226,3 +226,147 @@ def test_c_loops_check_their_arguments():
         loops.forward(A, Hb, torch.zeros(4, 5, dtype=BF))
     with pytest.raises(ValueError, match="dAb must be"):
         loops.backward(A, A.clone(), A.clone(), Hb[:3].float(), W)
+
+
+# -----------------------------------------------------------------------------
+# the output layer on AMX tiles (models.linear_head, LinearBF16)
+
+def _amx_head() -> bool:
+    from charrnn import native
+    loops = native.loops() if bf16gemm.available() else None
+    return loops is not None and loops.head_fits(32, 32, 2)
+
+
+needs_amx_head = pytest.mark.skipif(not _amx_head(), reason="needs the C library and a CPU with AMX tiles")
+
+
+def head_operands(tokens, h, V, column_major, seed=0):
+    """bf16-exact H (tokens, h), W (h, V) (row-major, or a transposed view as nn.Linear's), b."""
+    g = torch.Generator().manual_seed(seed)
+    H = torch.randn(tokens, h, generator=g).to(BF).float().requires_grad_()
+    W = torch.randn(*((V, h) if column_major else (h, V)), generator=g).to(BF).float()
+    W = (W.t() if column_major else W).detach().requires_grad_()
+    b = torch.randn(V, generator=g).requires_grad_()
+    dY = torch.randn(tokens, V, generator=g).to(BF).float()         # bf16-exact, like the inputs
+    return H, W, b, dY
+
+
+@needs_amx_head
+@pytest.mark.parametrize("V", [28, 32, 33])                      # padded to 32, exact, padded to 64
+@pytest.mark.parametrize("column_major", [False, True])
+def test_bf16_head_matches_fp32_on_bf16_exact_inputs(V, column_major):
+    """On bf16-exact inputs the tile matmuls differ from fp32's only in the order of their sums."""
+    from charrnn.models import linear_head
+    H, W, b, dY = head_operands(96, 64, V, column_major)
+    results = []
+    for bf16 in (True, False):
+        Y = linear_head(H, W, b, bf16)
+        assert Y.grad_fn.name() == ("LinearBF16Backward" if bf16 else "AddmmBackward0")
+        results.append((Y.detach(), *torch.autograd.grad(Y, [H, W, b], dY)))
+    assert results[0][2].stride() == W.stride()                   # dW has W's layout
+    for name, tiles, fp32 in zip(["Y", "dH", "dW", "db"], *results):
+        torch.testing.assert_close(tiles, fp32, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@needs_amx_head
+def test_bf16_head_rounds_fp32_inputs_like_bf16():
+    """Inputs that are not bf16-exact are rounded first: the result is the fp32 one of the rounded
+    inputs, and within bf16's precision of the unrounded one."""
+    from charrnn.models import linear_head
+    g = torch.Generator().manual_seed(1)
+    H, W, b = torch.randn(64, 32, generator=g), torch.randn(32, 28, generator=g), torch.randn(28, generator=g)
+    Y = linear_head(H, W, b, True)
+    torch.testing.assert_close(Y, H.to(BF).float() @ W.to(BF).float() + b, rtol=1e-5, atol=1e-4)
+    exact = H @ W + b
+    assert 0 < ((Y - exact).norm() / exact.norm()).item() < 1e-2
+
+
+@needs_amx_head
+def test_bf16_head_takes_the_recurrences_copy(monkeypatch):
+    """Training in bf16, the scratch model's head reads the forward loop's bf16 copy of H (no
+    second conversion), and follows the fp32 model."""
+    from charrnn import models
+    seen = []
+    real = models.LinearBF16.apply
+    monkeypatch.setattr(models.LinearBF16, "apply", lambda H, W, b, Hb: seen.append(Hb) or real(H, W, b, Hb))
+    X = torch.randint(0, 28, (32, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for precision in ("fp32", "bf16"):
+        model = build_model(ModelConfig("scratch", 28, 64), seed=0)
+        model.precision = precision
+        Y, _ = model(X, model.begin_state(32))
+        Y.square().sum().backward()
+        results.append((Y.detach(), *[p.grad for p in model.parameters()]))
+    assert len(seen) == 1 and seen[0] is not None and seen[0].dtype == BF
+    for fp32, bf16 in zip(*results):
+        assert ((fp32 - bf16).norm() / fp32.norm()).item() < 2e-2
+
+
+@needs_amx_head
+def test_bf16_copy_is_dropped_when_H_changes():
+    from charrnn.models import bf16_copy
+    model = build_model(ModelConfig("scratch", 28, 32), seed=0)
+    model.precision = "bf16"
+    Hs, _ = model.features(torch.randint(0, 28, (32, 4)), model.begin_state(32))
+    assert torch.equal(bf16_copy(Hs), Hs.detach().to(BF))
+    with torch.no_grad():
+        Hs.mul_(2)
+    assert bf16_copy(Hs) is None
+
+
+@needs_amx_head
+def test_concise_rnn_head_in_bf16_follows_fp32():
+    """nn.Linear's (vocab, h) weight goes in as a transposed view, and its gradient comes back in
+    the weight's own layout."""
+    X = torch.randint(0, 33, (32, 6), generator=torch.Generator().manual_seed(2))
+    results = []
+    for precision in ("fp32", "bf16"):
+        model = build_model(ModelConfig("rnn", 33, 64), seed=0)
+        model.precision = precision
+        Y, _ = model(X, model.begin_state(32))
+        Y.square().sum().backward()
+        assert model.linear.weight.grad.is_contiguous()
+        results.append((Y.detach(), model.linear.weight.grad, model.linear.bias.grad, model.rnn.weight_hh_l0.grad))
+    for fp32, bf16 in zip(*results):
+        rel = ((fp32 - bf16).norm() / fp32.norm()).item()
+        assert 0 < rel < 2e-2
+
+
+def test_bf16_head_falls_back_to_fp32(monkeypatch):
+    """Tokens that do not fill whole tiles, or no C library: the fp32 output layer, exactly."""
+    from charrnn import native
+    from charrnn.models import linear_head
+    for tokens, h in [(40, 64), (64, 48)]:                     # 40 tokens; h = 48: not multiples of 32
+        H, W, b, _ = head_operands(tokens, h, 28, False)
+        assert linear_head(H, W, b, True).grad_fn.name() == "AddmmBackward0"
+    H, W, b, _ = head_operands(64, 64, 28, False)
+    monkeypatch.setattr(native, "loops", lambda: None)
+    Y = linear_head(H, W, b, True)
+    assert Y.grad_fn.name() == "AddmmBackward0"
+    assert torch.equal(Y, H @ W + b)
+
+
+@needs_amx_head
+def test_native_head_checks_its_arguments():
+    from charrnn import native
+    loops = native.loops()
+    H, W, b = torch.zeros(64, 32), torch.zeros(32, 28), torch.zeros(28)
+    with pytest.raises(ValueError, match="H must be"):
+        loops.head_forward(H.double(), W, b)
+    with pytest.raises(ValueError, match="H must be"):
+        loops.head_forward(torch.zeros(32, 64).t(), W, b)         # not contiguous
+    with pytest.raises(ValueError, match="W must be"):
+        loops.head_forward(H, torch.zeros(64, 28), b)
+    with pytest.raises(ValueError, match="b must be"):
+        loops.head_forward(H, W, torch.zeros(29))
+    with pytest.raises(ValueError, match="do not fit"):
+        loops.head_forward(torch.zeros(40, 32), W, b)
+    with pytest.raises(TypeError, match="float32"):
+        loops.head_forward(H, W.double(), b)
+    with pytest.raises(ValueError, match="row- or column-major"):
+        loops.head_forward(H, torch.zeros(32, 56)[:, ::2], b)
+    Y, Hb = loops.head_forward(H, W, b)
+    with pytest.raises(ValueError, match="dY must be"):
+        loops.head_backward(torch.zeros(64, 27), Hb, W)
+    with pytest.raises(ValueError, match="Hb must be"):
+        loops.head_backward(torch.zeros(64, 28), Hb.float(), W)
