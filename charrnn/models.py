@@ -85,14 +85,18 @@ class TanhRNNLayer(torch.autograd.Function):
         # b: (h,); H0: (batch, h); W: (h, h)
         steps, batch = X.shape[:2]
         h = W.shape[0]
-        if X.dtype == torch.long:                                # rows of W_in + b: (steps*batch, h), fresh
+        lookup = None
+        if X.dtype == torch.long and bf16:                       # the bf16 loop looks the rows up
+            A = W_in.new_empty(steps * batch, h)                 # step by step (_forward_bf16)
+            lookup = (X.contiguous(), (W_in + b).contiguous())   # ids (steps, batch); table (vocab, h)
+        elif X.dtype == torch.long:                              # rows of W_in + b: (steps*batch, h), fresh
             A = (W_in + b).index_select(0, X.reshape(-1))
         else:
             A = torch.addmm(b, X.reshape(steps * batch, -1), W_in)  # (steps*batch, h)
         Hs = A.view(steps, batch, h)                             # becomes H in place
         if bf16:
             Wb = W.to(torch.bfloat16)                            # keeps a transposed view's layout
-            Hb = _forward_bf16(Hs, H0, Wb)
+            Hb = _forward_bf16(Hs, H0, Wb, lookup)
             ctx.save_for_backward(X, W_in, Wb, Hs, Hb)
             Hs._bf16_copy = (Hb[1:], Hs._version)                # bf16(Hs), for the head (bf16_copy)
         else:
@@ -155,16 +159,21 @@ class TanhRNNLayer(torch.autograd.Function):
         return dX, dW_in, db, dH0, dW, None
 
 
-def _forward_bf16(Hs: torch.Tensor, H0: torch.Tensor, Wb: torch.Tensor) -> torch.Tensor:
+def _forward_bf16(Hs: torch.Tensor, H0: torch.Tensor, Wb: torch.Tensor, lookup=None) -> torch.Tensor:
     """The bf16 forward loop: Hs holds x_t W_in + b on entry and H_t on return. Returns Hb, the
-    bf16 copies of H_{t-1} that step t multiplied (Hb[0] = H0), for the weight gradient."""
+    bf16 copies of H_{t-1} that step t multiplied (Hb[0] = H0), for the weight gradient.
+    With lookup = (ids (steps, batch), table (vocab, h)), Hs's contents on entry are not read:
+    x_t W_in + b is row ids[t] of table, looked up here (in C: step by step)."""
     steps, batch, h = Hs.shape
     Hb = torch.empty(steps + 1, batch, h, dtype=torch.bfloat16)
     Hb[0].copy_(H0)
     loops = native.loops()
     if loops is not None:
-        loops.forward(Hs, Hb, Wb)                                # the loop below, in C
+        loops.forward(Hs, Hb, Wb, *(lookup or ()))               # the loop below, in C
         return Hb
+    if lookup is not None:
+        ids, table = lookup
+        torch.index_select(table, 0, ids.reshape(-1), out=Hs.view(-1, h))
     step = bf16gemm.step_gemm(Hs, Hb, Wb)                        # Hs[t] += Hb[t] @ Wb
     for t, (H_t, Hb_next) in enumerate(zip(Hs.unbind(0), Hb[1:].unbind(0))):
         step(t, t)

@@ -2,6 +2,7 @@
 
     loops = native.loops()          # None where it cannot be built: the Python loops run instead
     loops.forward(A, Hb, Wb)        # A[t] += Hb[t] @ Wb; A[t] = tanh(A[t]); Hb[t+1] = bf16(A[t])
+    loops.forward(A, Hb, Wb, ids, table)  # the same, with A[t] = table[ids[t]] first
     loops.backward(dH, dA, H, dAb, Wb)  # dA[t] = (dH[t] + dAb[t+1] @ Wb^T) * (1 - H[t]^2); dAb[t] = bf16(dA[t])
     if loops.head_fits(tokens, h, vocab):    # the output layer on AMX tiles, in bf16
         Y, Hb = loops.head_forward(H, W, b)      # Y = bf16(H) @ bf16(W) + b
@@ -85,10 +86,11 @@ class Loops:
     def __init__(self, lib: ctypes.CDLL, gemm_address: int):
         self._gemm = gemm_address
         i, p = ctypes.c_int, ctypes.c_void_p
-        lib.forward.argtypes = [p, i, i, p, i, i, i, p, p]
+        lib.forward.argtypes = [p, i, i, p, i, i, i, p, p, p, p, i]
         lib.backward.argtypes = [p, i, i, p, i, i, i, p, p, p, p]
         lib.step_matmuls.argtypes = [p, i, i, p, i, i, p, p, i]
-        lib.forward.restype = lib.backward.restype = lib.step_matmuls.restype = None
+        lib.backward.restype = lib.step_matmuls.restype = None
+        lib.forward.restype = i
         l = ctypes.c_long
         lib.head_ready.argtypes = []
         lib.head_forward.argtypes = [i, i, i, p, l, l, p, p, p, p]
@@ -120,11 +122,25 @@ class Loops:
             raise ValueError(f"native loops: W must be ({h}, {h}), not {tuple(W.shape)}.")
         return bf16gemm.operand(W, transpose, "W")
 
-    def forward(self, A: torch.Tensor, Hb: torch.Tensor, W: torch.Tensor) -> None:
+    def forward(self, A: torch.Tensor, Hb: torch.Tensor, W: torch.Tensor,
+                ids: torch.Tensor | None = None, table: torch.Tensor | None = None) -> None:
+        """With ids (steps, batch) int64 and table (vocab, h) fp32, A's contents are not read:
+        step t starts from the rows table[ids[t]] (a lookup done step by step, in cache)."""
         steps, batch, h = A.shape
         self._check(steps, batch, h, A=(A, torch.float32, steps), Hb=(Hb, torch.bfloat16, steps + 1))
         op, ld = self._weight(W, False, h)
-        self._lib.forward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, A.data_ptr(), Hb.data_ptr())
+        lookup, vocab = (None, None), 0
+        if ids is not None:
+            vocab = table.shape[0] if table.dim() == 2 else -1
+            if (ids.dtype != torch.long or ids.device.type != "cpu" or not ids.is_contiguous()
+                    or tuple(ids.shape) != (steps, batch)):
+                raise ValueError(f"native loops: ids must be a contiguous int64 CPU tensor of shape "
+                                 f"{(steps, batch)}, not {ids.dtype} {tuple(ids.shape)}.")
+            self._check(vocab, 1, h, table=(table.unsqueeze(1), torch.float32, vocab))
+            lookup = (ids.data_ptr(), table.data_ptr())
+        if self._lib.forward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, A.data_ptr(), Hb.data_ptr(),
+                             *lookup, vocab) != 0:
+            raise IndexError(f"native loops: a token id outside 0 .. {vocab - 1}.")
 
     def backward(self, dH: torch.Tensor, dA: torch.Tensor, H: torch.Tensor, dAb: torch.Tensor,
                  W: torch.Tensor) -> None:

@@ -43,8 +43,8 @@ static inline uint16_t to_bf16(float f) {
 }
 
 /* y[i] = bf16(x[i]) for n values: 16 at a time with AVX512-BF16's conversion (round to nearest
-   even, as to_bf16; NaN stays NaN), the rest one by one. The scalar loop above does not vectorize
-   (its NaN branch), and it was a good part of each step's time. */
+   even, as to_bf16; NaN stays NaN), the rest one by one. (GCC 12 vectorizes a plain loop over
+   to_bf16 too, NaN branch and all, about as fast: the step loops keep theirs.) */
 static void to_bf16_n(const float *x, uint16_t *y, size_t n) {
     size_t i = 0;
 #ifdef __AVX512BF16__
@@ -141,19 +141,32 @@ static void stepper_end(struct stepper *s) {
 #endif
 }
 
-void forward(gemm_fn gemm, int op_w, int ld_w, const void *W,
-             int steps, int batch, int h, float *A, uint16_t *Hb) {
+/* With ids (steps, batch) not NULL, A's contents on entry are not read: step t first fills A[t]
+   with the rows table[ids[t][i]] (the input term x_t W_in + b of token ids, table (vocab, h)),
+   just before its matmul reads them, while they are in cache, where a lookup of all steps up front
+   would write 2.3 MB (the seed's sizes) that the matmuls then read back from memory.
+   Returns 0, or -1 at an id outside 0 .. vocab-1 (A is then partly written). */
+int forward(gemm_fn gemm, int op_w, int ld_w, const void *W,
+            int steps, int batch, int h, float *A, uint16_t *Hb,
+            const int64_t *ids, const float *table, int vocab) {
     const size_t n = (size_t)batch * (size_t)h;
     struct stepper s = stepper_start(gemm, op_w, ld_w, W, batch, h);
     for (size_t t = 0; t < (size_t)steps; t++) {
         float *a = A + t * n;
         uint16_t *next = Hb + (t + 1) * n;
+        if (ids != NULL)
+            for (size_t i = 0; i < (size_t)batch; i++) {
+                int64_t id = ids[t * batch + i];
+                if (id < 0 || id >= vocab) { stepper_end(&s); return -1; }
+                memcpy(a + i * h, table + id * h, (size_t)h * sizeof *a);
+            }
         stepper_run(&s, Hb + t * n, a);
         #pragma omp simd
         for (size_t i = 0; i < n; i++) a[i] = tanhf(a[i]);
         for (size_t i = 0; i < n; i++) next[i] = to_bf16(a[i]);
     }
     stepper_end(&s);
+    return 0;
 }
 
 void backward(gemm_fn gemm, int op_w, int ld_w, const void *W,

@@ -226,6 +226,22 @@ def test_c_loops_check_their_arguments():
         loops.forward(A, Hb, torch.zeros(4, 5, dtype=BF))
     with pytest.raises(ValueError, match="dAb must be"):
         loops.backward(A, A.clone(), A.clone(), Hb[:3].float(), W)
+    ids, table = torch.zeros(3, 2, dtype=torch.long), torch.zeros(5, 4)   # the lookup: (steps, batch), (vocab, h)
+    with pytest.raises(ValueError, match="ids must be"):
+        loops.forward(A, Hb, W, ids.t().contiguous(), table)
+    with pytest.raises(ValueError, match="ids must be"):
+        loops.forward(A, Hb, W, ids.int(), table)
+    with pytest.raises(ValueError, match="table must be"):
+        loops.forward(A, Hb, W, ids, torch.zeros(5, 3))
+    for bad in (5, -1):
+        ids[2, 1] = bad
+        with pytest.raises(IndexError, match="outside 0 .. 4"):
+            loops.forward(A, Hb, W, ids, table)
+    ids[2, 1] = 4
+    table[4] = 0.5                                                       # W = 0: H = tanh(table rows)
+    loops.forward(A, Hb, W, ids, table)
+    torch.testing.assert_close(A[2, 1], torch.full((4,), 0.5).tanh())
+    assert torch.equal(A[0], torch.zeros(2, 4))
 
 
 # -----------------------------------------------------------------------------
