@@ -72,11 +72,12 @@ class TanhRNNLayer(torch.autograd.Function):
     are two ops per step on views made once, and the gradients of W_in, b and W are each one
     large op over all steps. At these sizes per-op overhead is a good part of the time.
 
-    With `bf16=True` (CPU only, see charrnn/bf16gemm.py) the step matmuls H_{t-1} W and dA_t W^T,
-    the gradient of W and, for token-id inputs, those of W_in and b read bf16 copies of their
-    inputs and accumulate in fp32, in one MKL call each; the weights, the hidden states returned
-    and every other op stay fp32. Its step loops run in C where charrnn/native.py could build them,
-    else in Python (the same math).
+    With `bf16=True` (CPU only, see charrnn/bf16gemm.py) the step matmuls H_{t-1} W and dA_t W^T
+    and the gradient of W read bf16 copies of their inputs and accumulate in fp32; the weights,
+    the hidden states returned and every other op stay fp32 (W_in's and b's gradients are fp32
+    sums of dA's rows). Its step loops run in C where charrnn/native.py could build them, else in
+    Python (the same math); the C loops also look up token-id inputs and sum their gradients per
+    id step by step, while each step's rows are in cache.
     """
 
     @staticmethod
@@ -115,15 +116,17 @@ class TanhRNNLayer(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dX = dW_in = db = dH0 = dW = None
         if ctx.bf16:
-            dA, dAb = _backward_bf16(dHs, Hs, W)
-            Hb, dAb2 = H0, dAb.view(-1, h)
-            if X.dtype == torch.long and (needs[1] or needs[2]):
-                # one matmul for both: [one_hot(x) | 1]^T dA gives the rows of dW_in and db
-                ids = X.reshape(-1, 1)
-                onehot = torch.zeros(ids.shape[0], W_in.shape[0] + 1, dtype=torch.bfloat16)
-                onehot.scatter_(1, ids, 1.0)[:, -1] = 1.0
-                G = bf16gemm.gemm(dA.new_empty(W_in.shape[0] + 1, h), onehot, dAb2, trans_a=True, beta=0.0)
+            loops = native.loops()
+            if loops is not None and X.dtype == torch.long and (needs[1] or needs[2]):
+                # the C loop sums dA's rows per token id as it goes (fp32): W_in's and b's gradients
+                G = dHs.new_zeros(W_in.shape[0] + 1, h)
+                dA, dAb = _backward_bf16(dHs, Hs, W, (X.contiguous(), G))
                 dW_in, db = G[:-1], G[-1]
+            else:
+                dA, dAb = _backward_bf16(dHs, Hs, W)
+            # elsewhere (the Python loops, or X not ids) W_in's and b's gradients come from dA in
+            # fp32 below, as in the fp32 path: the same sums as the C loop's
+            Hb, dAb2 = H0, dAb.view(-1, h)
             if needs[3]:
                 dH0 = bf16gemm.gemm(dA.new_empty(batch, h), dAb[0], W, trans_b=True, beta=0.0)
             if needs[4]:                               # sum_t H_{t-1}^T dA_t as one large matmul
@@ -181,14 +184,16 @@ def _forward_bf16(Hs: torch.Tensor, H0: torch.Tensor, Wb: torch.Tensor, lookup=N
     return Hb
 
 
-def _backward_bf16(dHs: torch.Tensor, Hs: torch.Tensor, Wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bf16 backward loop: (dA, dAb), the grads of A_t in fp32 and their bf16 copies."""
+def _backward_bf16(dHs: torch.Tensor, Hs: torch.Tensor, Wb: torch.Tensor,
+                   scatter=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 backward loop: (dA, dAb), the grads of A_t in fp32 and their bf16 copies. With
+    scatter = (ids, G), C loops only: G[ids[t][i]] += dA[t][i], G[-1] += dA[t][i] (see Loops.backward)."""
     steps, batch, h = Hs.shape
     dAb = torch.empty(steps, batch, h, dtype=torch.bfloat16)
     loops = native.loops()
     if loops is not None:                                        # the loop below, in C
         dA = torch.empty_like(Hs)
-        loops.backward(dHs.contiguous(), dA, Hs, dAb, Wb)
+        loops.backward(dHs.contiguous(), dA, Hs, dAb, Wb, *(scatter or ()))
         return dA, dAb
     dA = dHs.clone(memory_format=torch.contiguous_format)
     dA_t, D_t, dAb_t = dA.unbind(0), (1 - Hs * Hs).unbind(0), dAb.unbind(0)

@@ -87,10 +87,10 @@ class Loops:
         self._gemm = gemm_address
         i, p = ctypes.c_int, ctypes.c_void_p
         lib.forward.argtypes = [p, i, i, p, i, i, i, p, p, p, p, i]
-        lib.backward.argtypes = [p, i, i, p, i, i, i, p, p, p, p]
+        lib.backward.argtypes = [p, i, i, p, i, i, i, p, p, p, p, p, p, i]
         lib.step_matmuls.argtypes = [p, i, i, p, i, i, p, p, i]
-        lib.backward.restype = lib.step_matmuls.restype = None
-        lib.forward.restype = i
+        lib.step_matmuls.restype = None
+        lib.forward.restype = lib.backward.restype = i
         l = ctypes.c_long
         lib.head_ready.argtypes = []
         lib.head_forward.argtypes = [i, i, i, p, l, l, p, p, p, p]
@@ -132,10 +132,7 @@ class Loops:
         lookup, vocab = (None, None), 0
         if ids is not None:
             vocab = table.shape[0] if table.dim() == 2 else -1
-            if (ids.dtype != torch.long or ids.device.type != "cpu" or not ids.is_contiguous()
-                    or tuple(ids.shape) != (steps, batch)):
-                raise ValueError(f"native loops: ids must be a contiguous int64 CPU tensor of shape "
-                                 f"{(steps, batch)}, not {ids.dtype} {tuple(ids.shape)}.")
+            self._ids(ids, steps, batch)
             self._check(vocab, 1, h, table=(table.unsqueeze(1), torch.float32, vocab))
             lookup = (ids.data_ptr(), table.data_ptr())
         if self._lib.forward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, A.data_ptr(), Hb.data_ptr(),
@@ -143,13 +140,29 @@ class Loops:
             raise IndexError(f"native loops: a token id outside 0 .. {vocab - 1}.")
 
     def backward(self, dH: torch.Tensor, dA: torch.Tensor, H: torch.Tensor, dAb: torch.Tensor,
-                 W: torch.Tensor) -> None:
+                 W: torch.Tensor, ids: torch.Tensor | None = None, G: torch.Tensor | None = None) -> None:
+        """With ids (steps, batch) int64 and G (vocab + 1, h) fp32 zeros, also G[ids[t][i]] += dA[t][i]
+        and G[vocab] += dA[t][i]: the gradients of the forward's lookup table and of b."""
         steps, batch, h = dA.shape
         self._check(steps, batch, h, dH=(dH, torch.float32, steps), dA=(dA, torch.float32, steps),
                     H=(H, torch.float32, steps), dAb=(dAb, torch.bfloat16, steps))
         op, ld = self._weight(W, True, h)
-        self._lib.backward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, dH.data_ptr(), dA.data_ptr(),
-                           H.data_ptr(), dAb.data_ptr())
+        scatter, vocab = (None, None), 0
+        if ids is not None:
+            vocab = G.shape[0] - 1 if G.dim() == 2 else -1
+            self._ids(ids, steps, batch)
+            self._check(vocab + 1, 1, h, G=(G.unsqueeze(1), torch.float32, vocab + 1))
+            scatter = (ids.data_ptr(), G.data_ptr())
+        if self._lib.backward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, dH.data_ptr(), dA.data_ptr(),
+                              H.data_ptr(), dAb.data_ptr(), *scatter, vocab) != 0:
+            raise IndexError(f"native loops: a token id outside 0 .. {vocab - 1}.")
+
+    @staticmethod
+    def _ids(ids: torch.Tensor, steps: int, batch: int) -> None:
+        if (ids.dtype != torch.long or ids.device.type != "cpu" or not ids.is_contiguous()
+                or tuple(ids.shape) != (steps, batch)):
+            raise ValueError(f"native loops: ids must be a contiguous int64 CPU tensor of shape "
+                             f"{(steps, batch)}, not {ids.dtype} {tuple(ids.shape)}.")
 
 
     # ---- the output layer (tanh_rnn.c, "the output layer on AMX tiles") ----

@@ -169,8 +169,12 @@ int forward(gemm_fn gemm, int op_w, int ld_w, const void *W,
     return 0;
 }
 
-void backward(gemm_fn gemm, int op_w, int ld_w, const void *W,
-              int steps, int batch, int h, const float *dH, float *dA, const float *H, uint16_t *dAb) {
+/* With ids (steps, batch) not NULL, also G[ids[t][i]] += dA[t][i] and G[vocab] += dA[t][i] for every
+   step and row, in fp32 while dA[t] is in cache: the gradients of the lookup table's rows (W_in)
+   and of b. G (vocab + 1, h) must be zero on entry. Returns 0, or -1 at an id out of range. */
+int backward(gemm_fn gemm, int op_w, int ld_w, const void *W,
+             int steps, int batch, int h, const float *dH, float *dA, const float *H, uint16_t *dAb,
+             const int64_t *ids, float *G, int vocab) {
     const size_t n = (size_t)batch * (size_t)h;
     struct stepper s = stepper_start(gemm, op_w, ld_w, W, batch, h);
     for (long t = (long)steps - 1; t >= 0; t--) {
@@ -181,12 +185,21 @@ void backward(gemm_fn gemm, int op_w, int ld_w, const void *W,
         #pragma omp simd
         for (size_t i = 0; i < n; i++) d[i] *= 1.0f - y[i] * y[i];
         for (size_t i = 0; i < n; i++) db[i] = to_bf16(d[i]);
+        if (ids != NULL)
+            for (size_t i = 0; i < (size_t)batch; i++) {
+                int64_t id = ids[(size_t)t * batch + i];
+                if (id < 0 || id >= vocab) { stepper_end(&s); return -1; }
+                float *g = G + id * h, *gb = G + (size_t)vocab * h;
+                const float *di = d + i * h;
+                for (size_t k = 0; k < (size_t)h; k++) { g[k] += di[k]; gb[k] += di[k]; }
+            }
         if (t > 0) {
             memcpy(d - n, dH + (size_t)(t - 1) * n, n * sizeof *d);
             stepper_run(&s, db, d - n);
         }
     }
     stepper_end(&s);
+    return 0;
 }
 
 /* `reps` step matmuls C += A @ op(W) exactly as the loops above run them, for measuring their

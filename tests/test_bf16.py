@@ -242,6 +242,18 @@ def test_c_loops_check_their_arguments():
     loops.forward(A, Hb, W, ids, table)
     torch.testing.assert_close(A[2, 1], torch.full((4,), 0.5).tanh())
     assert torch.equal(A[0], torch.zeros(2, 4))
+    # the backward's sums per id: G (vocab + 1, h), the last row b's gradient
+    dH, H = torch.randn(3, 2, 4), torch.zeros(3, 2, 4)                  # H = 0: dA = dH
+    G = torch.zeros(6, 4)
+    with pytest.raises(ValueError, match="G must be"):
+        loops.backward(dH, A.clone(), H, Hb[:3].clone(), W, ids, torch.zeros(6, 4).double())
+    loops.backward(dH, A.clone(), H, Hb[:3].clone(), W, ids, G)
+    expected = torch.zeros(6, 4).index_add_(0, ids.reshape(-1), dH.reshape(-1, 4))
+    expected[5] = dH.reshape(-1, 4).sum(0)
+    torch.testing.assert_close(G, expected)
+    ids[0, 0] = 5
+    with pytest.raises(IndexError, match="outside 0 .. 4"):
+        loops.backward(dH, A.clone(), H, Hb[:3].clone(), W, ids, G.zero_())
 
 
 # -----------------------------------------------------------------------------
