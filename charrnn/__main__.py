@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 
+import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, check_writable, list_checkpoints, load_checkpoint, make_metadata, resolve, save_checkpoint
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step matmuls while training: bf16 (CPU with AMX/AVX512-BF16), fp32, or auto: "
                         "bf16 where it runs, else fp32")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for the run (default 0: one per core)")
+    t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a CUDA device, launch each op from Python instead of replaying a recorded graph")
     t.add_argument("--save", metavar="PATH", help="checkpoint name (in checkpoints/) or path")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -98,7 +101,7 @@ def cmd_train(args) -> None:
         batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, epochs=args.epochs, clip=args.clip,
         sampling=args.sampling, max_tokens=args.max_tokens, optimizer=args.optimizer, seed=args.seed,
         device=args.device, fused=not args.reference, precision=args.precision,
-        threads=args.threads)
+        threads=args.threads, cuda_graphs=args.cuda_graphs)
     save_path = resolve(args.save) if args.save else None
     if save_path is not None:
         check_writable(save_path)
@@ -127,6 +130,9 @@ def cmd_train(args) -> None:
     finally:
         bar.close()
     wall = time.perf_counter() - t0
+    if trainer.graph_failed:
+        print(f"charrnn: the CUDA graph could not be recorded, trained op by op ({trainer.graph_failed}).",
+              file=sys.stderr)
     saved = None
     if save_path is not None and trainer.epoch > 0:
         saved = save_checkpoint(save_path, trainer.model, make_metadata(trainer, command=command))
@@ -138,9 +144,12 @@ def cmd_train(args) -> None:
         "perplexity": round(last.train_ppl, 4) if last else None,
         "val_perplexity": round(last.val_ppl, 4) if last and last.val_ppl else None,
         "tokens_per_s": round(trainer.tokens_per_s), "wall_s": round(wall, 2),
-        "sample": last.sample if last and last.sample else trainer.sample(), "fused": config.fused, "precision": trainer.precision, "lr": config.lr, "seed": config.seed,
+        "sample": last.sample if last and last.sample else trainer.sample(), "fused": config.fused, "precision": trainer.precision,
+        "cuda_graph": trainer.graphed, "lr": config.lr, "seed": config.seed,
         "checkpoint": str(saved) if saved else None,
     }
+    if trainer.device.type == "cuda":
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**20)
     if args.json:
         print(json.dumps(result))
     else:

@@ -27,6 +27,7 @@ import torch
 
 from . import bf16gemm, native
 from .checkpoint import DEFAULT_NAME, checkpoint_dir, load_checkpoint
+from .device import resolve_device
 from .generate import generate
 from .models import DEFAULT_HIDDEN
 
@@ -34,10 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 28
 
 
-def matmul_gflops(rows: int, hidden: int, precision: str = "fp32", seconds: float = 1.0) -> float:
+def matmul_gflops(rows: int, hidden: int, precision: str = "fp32", seconds: float = 1.0,
+                  device: torch.device = torch.device("cpu")) -> float:
     """Measured rate of (rows, hidden) @ (hidden, hidden) on this machine, in GFLOP/s, done the
     way the training path does it: fp32 `torch.mm`; bf16 the C loops' step matmul (AMX tiles or
-    MKL), or MKL's call from Python where the loops could not be built."""
+    MKL), or MKL's call from Python where the loops could not be built; on a GPU, fp32 `torch.mm`
+    replayed from a CUDA graph, as training replays its steps."""
+    if device.type == "cuda":
+        return cuda_matmul_gflops(rows, hidden, device)
     if precision == "bf16":
         a, w = torch.randn(rows, hidden).to(torch.bfloat16), torch.randn(hidden, hidden).to(torch.bfloat16)
         out = torch.zeros(rows, hidden)
@@ -59,11 +64,42 @@ def matmul_gflops(rows: int, hidden: int, precision: str = "fp32", seconds: floa
     return 2 * rows * hidden * hidden * n / (time.perf_counter() - t0) / 1e9
 
 
-def limit_tokens_per_s(hidden: int, precision: str = "fp32", batch: int = 32) -> tuple[float, float]:
+def cuda_matmul_gflops(rows: int, hidden: int, device: torch.device, reps: int = 100) -> float:
+    """The step matmul's rate on a GPU: `reps` of them back to back in one graph, timed over replays."""
+    a, w = torch.randn(rows, hidden, device=device), torch.randn(hidden, hidden, device=device)
+    out = torch.empty(rows, hidden, device=device)
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):                   # first use (cuBLAS set-up) outside the capture
+        torch.mm(a, w, out=out)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            torch.mm(a, w, out=out)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1000
+    return 2 * rows * hidden * hidden * reps * 20 / seconds / 1e9
+
+
+def limit_tokens_per_s(hidden: int, precision: str = "fp32", batch: int = 32,
+                       device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """(tokens/s the matmul rate allows, the rate in GFLOP/s) for a one-layer tanh RNN."""
-    rate = matmul_gflops(batch, hidden, precision)
+    rate = matmul_gflops(batch, hidden, precision, device=device)
     flops_per_token = 6 * (hidden * hidden + hidden * VOCAB)
     return rate * 1e9 / flops_per_token, rate
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def run_child(cmd: list[str]) -> dict:
@@ -82,9 +118,18 @@ def run_child(cmd: list[str]) -> dict:
     return result
 
 
+SIDE_FLAGS = {
+    "bf16": ["--precision", "bf16"],                   # the fused path in bf16 (CPU)
+    "fp32": ["--precision", "fp32"],                   # the fused path in fp32 (CUDA: graph replays)
+    "eager": ["--precision", "fp32", "--no-cuda-graphs"],          # CUDA: the fused path op by op
+    "reference": ["--reference", "--precision", "fp32", "--no-cuda-graphs"],  # the seed's loop, op by op
+    "reference+graph": ["--reference", "--precision", "fp32"],     # CUDA: the seed's loop, recorded
+}
+
+
 def ours(model: str, epochs: int, side: str) -> dict:
-    """One of our sides: bf16 or fp32 (the fused path), or reference (the seed's loop, fp32)."""
-    flags = ["--reference", "--precision", "fp32"] if side == "reference" else ["--precision", side]
+    """One of our sides (SIDE_FLAGS)."""
+    flags = SIDE_FLAGS[side]
     cmd = [sys.executable, "-m", "charrnn", "train", "--model", model, "--epochs", str(epochs),
            "--json", "--quiet"] + flags
     return run_child(cmd)
@@ -120,7 +165,12 @@ def main(args) -> None:
         raise ValueError("--rounds and --epochs must be at least 1.")
     if args.peer and not Path(args.peer).is_file():
         raise ValueError(f"No benchmark harness at {args.peer}.")
-    sides = (["bf16"] if bf16gemm.available() else []) + ["fp32", "reference"] + (["d2l"] if args.peer else [])
+    device = resolve_device("auto")                 # where the children train (their default)
+    if device.type == "cuda":
+        sides = ["fp32", "eager", "reference", "reference+graph"]
+    else:
+        sides = (["bf16"] if bf16gemm.available() else []) + ["fp32", "reference"]
+    sides += ["d2l"] if args.peer else []
     peer_python = args.peer_python or sys.executable
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.rounds):
@@ -133,12 +183,12 @@ def main(args) -> None:
                 else:
                     res = ours(model, args.epochs, side)
                 results.setdefault((model, side), []).append(res)
-                print(f"round {r + 1} {model:<8} {side:<9} {res['tokens_per_s']:>9,.0f} tokens/s  "
+                print(f"round {r + 1} {model:<8} {side:<15} {res['tokens_per_s']:>9,.0f} tokens/s  "
                       f"ppl {res['perplexity']:.3f}", file=sys.stderr, flush=True)
     rows = []
     for model in models:
         hidden = DEFAULT_HIDDEN[model]
-        limits = {precision: limit_tokens_per_s(hidden, precision) for precision in ("fp32", "bf16")
+        limits = {precision: limit_tokens_per_s(hidden, precision, device=device) for precision in ("fp32", "bf16")
                   if precision == "fp32" or "bf16" in sides}
         base = results.get((model, "d2l")) or results[(model, "reference")]
         base_tps = statistics.median(x["tokens_per_s"] for x in base)
@@ -156,17 +206,20 @@ def main(args) -> None:
                 "limit_tokens_per_s": round(limit), "fraction_of_limit": round(tps / limit, 3),
                 "matmul_gflops": round(rate, 1),
                 "peak_rss_mb": max((x.get("peak_rss_mb") or 0) for x in runs) or None,
+                "peak_gpu_mb": max((x.get("peak_gpu_mb") or 0) for x in runs) or None,
                 "rounds": len(runs)})
     gen = generation_ms()
     baseline = "d2l" if args.peer else "reference"
     print(f"\nbaseline: {baseline} (the ratio column); {args.rounds} rounds of {args.epochs} epochs, medians; "
           f"limit: the step matmul's measured rate in the row's precision")
-    print(f"{'model':<8} {'side':<10} {'precision':<9} {'tokens/s':>10} {'ratio':>6} {'ppl':>8} {'limit':>9} {'of limit':>8} {'peak MB':>8}")
+    print(f"device: {device_name(device)}")
+    print(f"{'model':<8} {'side':<15} {'precision':<9} {'tokens/s':>10} {'ratio':>6} {'ppl':>8} {'limit':>9} {'of limit':>8} {'peak MB':>8}")
     for row in rows:
-        print(f"{row['model']:<8} {row['side']:<10} {row['precision']:<9} {row['tokens_per_s']:>10,} {row['vs_baseline']:>6.2f} "
+        print(f"{row['model']:<8} {row['side']:<15} {row['precision']:<9} {row['tokens_per_s']:>10,} {row['vs_baseline']:>6.2f} "
               f"{row['perplexity']:>8.3f} {row['limit_tokens_per_s']:>9,} {row['fraction_of_limit']:>8.0%} "
               f"{row['peak_rss_mb'] or 0:>8.0f}")
     if gen is not None:
         print(f"generation: 500 characters greedily from the shipped checkpoint in {gen:.1f} ms")
     print(json.dumps({"rows": rows, "generation_500_ms": gen and round(gen, 1), "baseline": baseline,
+                      "device": device_name(device),
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))

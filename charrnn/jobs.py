@@ -157,6 +157,8 @@ class Job:
                 "--batch-size", c.batch_size, "--num-steps", c.num_steps, "--lr", repr(c.lr), "--optimizer", c.optimizer,
                 "--epochs", c.epochs, "--clip", repr(c.clip), "--sampling", c.sampling, "--max-tokens", c.max_tokens,
                 "--val-tokens", val, "--seed", c.seed, "--device", c.device, "--precision", c.precision, "--threads", c.threads]
+        if not c.cuda_graphs:
+            args.append("--no-cuda-graphs")
         return "python -m charrnn train " + shlex.join(str(a) for a in args)
 
 

@@ -58,6 +58,7 @@ class TrainConfig:
     fused: bool = True         # the fused recurrence (same math as the seed's loop, faster)
     precision: str = "auto"    # step matmuls while training: fp32, bf16 (CPU), or auto (the fast one here)
     threads: int = 0           # CPU threads for the run's ops (0: PyTorch's default, one per core)
+    cuda_graphs: bool = True   # on a CUDA device, replay each minibatch's step as one recorded CUDA graph
     sample_every: int = 10
     sample_prefix: str = "time traveller"
 
@@ -155,6 +156,87 @@ def safe_exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
+class CudaGraphStep:
+    """The minibatch step on a CUDA device, recorded once as a CUDA graph and replayed.
+
+    At the seed's sizes a minibatch is ~200 small kernels (35 steps forward and back, the head, the
+    loss, clipping), each a few microseconds of GPU time, and launching them one by one from
+    Python takes longer than running them. A graph replay launches the whole recorded sequence at
+    once. The first WARMUP minibatches run op by op (on a side stream, as capture needs: libraries
+    set themselves up on first use), the next is recorded on static copies of the minibatch and
+    the state, and every later one copies its data in and replays. The optimizer's update runs op
+    by op after each replay (one fused kernel for SGD), so every optimizer works unchanged. The
+    numbers are the same as op by op; only the launching differs. If recording fails, the run
+    goes on op by op (`failed` says why).
+    """
+    WARMUP = 3
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer, self.calls = trainer, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed: str | None = None
+        self.side = torch.cuda.Stream(trainer.device)
+
+    def __call__(self, X, y, state):
+        trainer = self.trainer
+        self.calls += 1
+        if self.failed or self.calls <= self.WARMUP:
+            return self._eager(X, y, state)
+        if self.graph is None:
+            try:
+                self._record(X, y, state)
+            except RuntimeError as e:           # an op that cannot be recorded: carry on op by op
+                torch.cuda.synchronize(trainer.device)
+                self.graph, self.failed = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                trainer.optimizer.zero_grad(set_to_none=True)
+                return self._eager(X, y, state)
+        elif X.shape != self.X.shape:           # a minibatch of another shape: op by op, same grads
+            return self._unrecorded(X, y, state)
+        self.X.copy_(X)
+        self.y.copy_(y)
+        copy_state(self.state, state)
+        self.graph.replay()
+        trainer.optimizer.step()
+        return self.loss, self.norm.clone(), self.state  # the norm is overwritten by the next replay
+
+    def _eager(self, X, y, state):
+        device = self.trainer.device
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(self.side):
+            out = self.trainer.eager_step(X, y, state)
+        torch.cuda.synchronize(device)
+        return out
+
+    def _unrecorded(self, X, y, state):
+        """After recording, the gradients live in the graph's memory: zero them in place."""
+        out = self.trainer.minibatch(X, y, state, set_to_none=False)
+        self.trainer.optimizer.step()
+        return out
+
+    def _record(self, X, y, state):
+        trainer = self.trainer
+        self.X, self.y, self.state = X.clone(), y.clone(), clone_state(state)
+        trainer.optimizer.zero_grad(set_to_none=True)  # backward then allocates them in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads of the app (a page generating text on the GPU) may go on meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.loss, self.norm, new_state = trainer.minibatch(self.X, self.y, self.state)
+            copy_state(self.state, new_state)         # the next minibatch starts from it
+        self.graph = graph
+
+
+def clone_state(state):
+    return tuple(s.clone() for s in state) if isinstance(state, tuple) else state.clone()
+
+
+def copy_state(dst, src) -> None:
+    """dst <- src, for a state that is a tensor or a tuple of them."""
+    pairs = zip(dst, src) if isinstance(dst, tuple) else [(dst, src)]
+    for d, s in pairs:
+        if d.data_ptr() != s.data_ptr():
+            d.copy_(s)
+
+
 class Trainer:
     """One training run: the model, its optimizer and the seed's epoch loop."""
 
@@ -169,12 +251,32 @@ class Trainer:
         self.precision = resolve_precision(config.precision, model, self.device)
         self.model.precision = self.precision
         self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
+        if self.device.type == "cuda" and config.cuda_graphs:
+            self.step = CudaGraphStep(self)
+        else:
+            self.step = self.eager_step
         self.rng = random.Random(config.seed)     # the iterators' offsets and shuffles
         self.epoch = 0                            # full epochs trained
         self.train_tokens, self.train_seconds = 0, 0.0
         self.history = {c: array("d") for c in ("epoch", "train_ppl", "val_ppl")}  # 8 bytes a value
         self.first: EpochStats | None = None      # epoch 0, the untrained model
         self.last: EpochStats | None = None       # the latest full epoch
+
+    def eager_step(self, X, y, state):
+        """One minibatch, op by op: `minibatch` and the update. Returns (loss, norm, new state)."""
+        out = self.minibatch(X, y, state)
+        self.optimizer.step()
+        return out
+
+    @property
+    def graphed(self) -> bool:
+        """Whether the minibatches replay a recorded CUDA graph (after the first few)."""
+        return isinstance(self.step, CudaGraphStep) and self.step.graph is not None
+
+    @property
+    def graph_failed(self) -> str | None:
+        """Why recording the CUDA graph failed, if it did (the run then went on op by op)."""
+        return self.step.failed if isinstance(self.step, CudaGraphStep) else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -196,28 +298,34 @@ class Trainer:
 
         State rules of the seed: random sampling starts every minibatch from a zero state;
         sequential partitioning carries the state on, detached so gradients stop at the boundary.
+        The epoch's minibatches go to the device in one copy; the loss and the norms stay there
+        until the epoch ends, so a GPU is never waited for between minibatches.
         """
         cfg, model = self.config, self.model
-        batches = SAMPLERS[cfg.sampling](self.corpus.train, cfg.batch_size, cfg.num_steps, self.rng)
+        batches = list(SAMPLERS[cfg.sampling](self.corpus.train, cfg.batch_size, cfg.num_steps, self.rng))
+        Xs = torch.stack([X for X, _ in batches]).to(self.device)            # (n, batch, steps)
+        ys = torch.stack([Y.T.reshape(-1) for _, Y in batches]).to(self.device)  # (n, steps*batch), step-major like Y_hat
         state, loss_sum, tokens, norms = None, torch.zeros((), device=self.device), 0, []
-        for X, Y in batches:                          # X, Y: (batch, steps)
+        for X, y in zip(Xs, ys):
             if stop is not None and stop.is_set():
                 return None
             if state is None or cfg.sampling == "random":
                 state = model.begin_state(X.shape[0], self.device)
-            else:
-                state = detach_state(state)
-            X, Y = X.to(self.device), Y.to(self.device)
-            y = Y.T.reshape(-1)                       # (steps*batch,), step-major like Y_hat
-            y_hat, state = model(X, state)            # (steps*batch, vocab)
-            loss = F.cross_entropy(y_hat, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norms.append(clip_gradients(model.parameters(), cfg.clip))
-            self.optimizer.step()
-            loss_sum += loss.detach() * y.numel()
+            loss, norm, state = self.step(X, y, state)
+            norms.append(norm)
+            loss_sum += loss * y.numel()
             tokens += y.numel()
         return loss_sum.item(), tokens, torch.stack(norms)
+
+    def minibatch(self, X, y, state, set_to_none: bool = True):
+        """Forward, backward and clipping of one minibatch (the update is `optimizer.step()`).
+        Returns the loss, the gradient norm before clipping and the new state, all detached."""
+        y_hat, state = self.model(X, state)           # (steps*batch, vocab)
+        loss = F.cross_entropy(y_hat, y)
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        loss.backward()
+        norm = clip_gradients(self.model.parameters(), self.config.clip)
+        return loss.detach(), norm, detach_state(state)
 
     def run(self, stop: threading.Event | None = None) -> Iterator[EpochStats]:
         """Train `config.epochs` epochs (more if called again), yielding EpochStats for each.

@@ -141,7 +141,8 @@ def test_bf16_training_reaches_fp32_quality(corpus):
     """A short run: the bf16 run's perplexity is within 5% of the fp32 run's."""
     ppl = {}
     for precision in ("fp32", "bf16"):
-        trainer = Trainer(TrainConfig(hidden_size=128, epochs=40, sample_every=1000, precision=precision), corpus)
+        trainer = Trainer(TrainConfig(hidden_size=128, epochs=40, sample_every=1000, precision=precision,
+                                      device="cpu"), corpus)
         assert trainer.precision == precision
         *_, last = trainer.run()
         ppl[precision] = last.train_ppl

@@ -16,7 +16,7 @@ from charrnn.train import TrainConfig, Trainer
 
 @pytest.fixture(scope="module")
 def trained(corpus):
-    trainer = Trainer(TrainConfig(model="lstm", hidden_size=24, epochs=2), corpus)
+    trainer = Trainer(TrainConfig(model="lstm", hidden_size=24, epochs=2, device="cpu"), corpus)
     list(trainer.run())
     return trainer
 

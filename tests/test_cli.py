@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from charrnn.device import available_devices
+
 ROOT = Path(__file__).resolve().parent.parent
 JSON_KEYS = {"model", "hidden", "epochs", "sampling", "device", "perplexity", "val_perplexity",
              "tokens_per_s", "wall_s", "sample"}
@@ -23,7 +25,7 @@ def test_train_json_save_and_generate(ckpt_dir):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert JSON_KEYS <= set(result)
     assert result["model"] == "gru" and result["hidden"] == 32 and result["epochs"] == 2
-    assert result["device"] == "cpu" and result["sample"].startswith("time traveller")
+    assert result["device"] == available_devices()[0] and result["sample"].startswith("time traveller")
     assert result["precision"] == "fp32"            # auto: the GRU has no bf16 path
     assert 1 < result["perplexity"] < 30 and result["tokens_per_s"] > 0
     assert (ckpt_dir / "cli-test.safetensors").is_file()
@@ -43,7 +45,7 @@ def test_train_json_save_and_generate(ckpt_dir):
     (("train", "--batch-size", "0"), "Batch size"),
     (("train", "--model", "transformer"), "invalid choice"),
     (("train", "--corpus", "/nonexistent/book.txt"), "No text file"),
-    (("train", "--device", "cuda"), "not available"),
+    (("train", "--device", next(d for d in ("cuda", "mps") if d not in available_devices())), "not available"),
     (("train", "--lr", "abc"), "invalid float"),
     (("train", "--model", "gru", "--precision", "bf16"), "Precision bf16 is not available"),
     (("train", "--precision", "fp16"), "invalid choice"),

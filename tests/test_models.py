@@ -73,6 +73,25 @@ def test_fused_equals_step_loop(kind, layers):
         torch.testing.assert_close(g1[name], g0[name], msg=name)
 
 
+def test_scratch_on_cudnns_rnn_equals_step_loop(monkeypatch):
+    """On a GPU the scratch model's fused path is cuDNN's tanh RNN on its own parameters; the
+    same call runs on the CPU (PyTorch's own kernel), so the mapping is checked here."""
+    cfg = ModelConfig("scratch", V, H)
+    torch.manual_seed(1)
+    slow = build_model(cfg, fused=False)
+    fast = build_model(cfg, fused=True)
+    fast.load_state_dict(slow.state_dict())
+    monkeypatch.setattr(fast, "features", fast._features_cudnn)
+    X, state = batch(1), (slow.begin_state(B)[0] + 0.3,)
+    Y0, s0 = run(slow, X, state)
+    Y1, s1 = run(fast, X, state)
+    torch.testing.assert_close(Y1, Y0)
+    torch.testing.assert_close(s1, s0)
+    g0, g1 = grads(slow), grads(fast)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], msg=name)
+
+
 @pytest.mark.parametrize("ids", [True, False])
 def test_fused_layer_passes_gradcheck(ids):
     from charrnn.models import tanh_rnn_layer
