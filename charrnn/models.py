@@ -256,8 +256,9 @@ def linear_head(H, W, b, bf16: bool = False, Hb=None):
 
     With `bf16` (training in bf16, see bf16_now), LinearBF16 where the C library was built, the
     CPU has AMX and the sizes fill whole tiles (tokens and h multiples of 32); fp32 otherwise, so
-    every machine trains. Hb, if given, is bf16(H), already made (bf16_copy). Written as linear(H, W^T, b): the same numbers as H W + b, but autograd
-    then computes W's gradient as (dY^T H)^T, which MKL runs 2x faster than H^T dY here."""
+    every machine trains. Hb, if given, is bf16(H), already made (bf16_copy). The fp32 path is
+    written as linear(H, W^T, b): the same numbers as H W + b, but autograd then computes W's
+    gradient as (dY^T H)^T, which MKL runs 2x faster than H^T dY here."""
     loops = native.loops() if bf16 else None
     if (loops is not None and b is not None and H.dim() == 2 and H.device.type == "cpu"
             and H.dtype == W.dtype == b.dtype == torch.float32

@@ -164,7 +164,6 @@ class Loops:
             raise ValueError(f"native loops: ids must be a contiguous int64 CPU tensor of shape "
                              f"{(steps, batch)}, not {ids.dtype} {tuple(ids.shape)}.")
 
-
     # ---- the output layer (tanh_rnn.c, "the output layer on AMX tiles") ----
 
     def head_fits(self, tokens: int, h: int, vocab: int) -> bool:
