@@ -106,13 +106,15 @@ def main():
             tokens_per_s, browser_cores = app_run(browser, url, args.epochs, f"bench{r}", r + 1, args.closed)
             app.append(tokens_per_s)
             cores.append(browser_cores)
-            print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s, "
-                  f"Chromium {browser_cores:.2f} cores meanwhile", flush=True)
+            print(f"round {r + 1}: cli {cli[-1]:,.0f} tokens/s, app {app[-1]:,.0f} tokens/s "
+                  f"({app[-1] / cli[-1]:.2f}), Chromium {browser_cores:.2f} cores meanwhile", flush=True)
         browser.close()
     c, a = statistics.median(cli), statistics.median(app)
     print(json.dumps({"epochs": args.epochs, "page": "closed" if args.closed else "open", "cli_threads": args.cli_threads or "all",
                       "cli_tokens_per_s": c, "app_tokens_per_s": a,
-                      "app_over_cli": round(a / c, 3), "browser_cores": round(statistics.median(cores), 3)}))
+                      "app_over_cli": round(a / c, 3),   # the ratio of the two medians
+                      "median_round_ratio": round(statistics.median(x / y for x, y in zip(app, cli)), 3),
+                      "browser_cores": round(statistics.median(cores), 3)}))
 
 
 if __name__ == "__main__":

@@ -219,6 +219,9 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
 # -----------------------------------------------------------------------------
 # the page
 
+# The progress bar animates every change of its width: half of every second the browser would
+# draw ~30 frames of it, in software without a GPU, on the cores the run trains on. It jumps instead.
+st.html("<style>[data-testid='stProgress'] * { transition: none !important; }</style>")
 running = jobs.running()
 with st.expander("Settings", expanded=running is None):
     source = corpus_ui()
