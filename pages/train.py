@@ -219,8 +219,8 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
 # -----------------------------------------------------------------------------
 # the page
 
-# The progress bar animates every change of its width: half of every second the browser would
-# draw ~30 frames of it, in software without a GPU, on the cores the run trains on. It jumps instead.
+# The progress bar animates every change of its width: the browser then drew ~32 frames a second,
+# in software without a GPU, on the cores the run trains on (5 without). It jumps instead.
 st.html("<style>[data-testid='stProgress'] * { transition: none !important; }</style>")
 running = jobs.running()
 with st.expander("Settings", expanded=running is None):
