@@ -47,6 +47,7 @@ class Snapshot:
     vocab_size: int
     precision: str                 # what the run trains in (config.precision "auto" resolved)
     saved: list[str] = field(default_factory=list)
+    graph_failed: str | None = None  # why the CUDA graph could not be recorded (the run went on op by op)
 
     @property
     def running(self) -> bool:
@@ -134,7 +135,8 @@ class Job:
                 epochs=self.config.epochs, epoch=self.trainer.epoch,
                 columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples),
                 elapsed_s=end - self._started, config=self.config, vocab_size=len(self.corpus.vocab),
-                precision=self.trainer.precision, saved=list(self.saved))
+                precision=self.trainer.precision, saved=list(self.saved),
+                graph_failed=self.trainer.graph_failed)
 
     def save(self, name: str) -> str:
         """Save the model as checkpoints/NAME.safetensors; only once the job has ended."""

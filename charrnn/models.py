@@ -30,7 +30,8 @@ from . import bf16gemm, native
 
 # cuDNN says so when an RNN's weights are not one flat buffer and it copies them at every call:
 # true of the scratch model on a GPU by design (its weights are its own), and a small copy.
-warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk",
+                        module=r"charrnn\.models")
 
 KINDS = ("scratch", "rnn", "gru", "lstm")
 DEFAULT_HIDDEN = {"scratch": 512, "rnn": 256, "gru": 256, "lstm": 256}  # the seed's sizes

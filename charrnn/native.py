@@ -108,8 +108,8 @@ class Loops:
 
     @staticmethod
     def _check(steps: int, batch: int, h: int, **tensors) -> None:
-        if batch * h >= 2**31:
-            raise ValueError("native loops: batch * hidden size must stay below 2**31.")
+        if batch * h >= 2**31 or steps >= 2**31:
+            raise ValueError("native loops: batch * hidden size and steps must stay below 2**31.")
         for name, (x, dtype, first) in tensors.items():
             if x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous() or tuple(x.shape) != (first, batch, h):
                 raise ValueError(f"native loops: {name} must be a contiguous {dtype} CPU tensor of shape "
@@ -130,10 +130,9 @@ class Loops:
         self._check(steps, batch, h, A=(A, torch.float32, steps), Hb=(Hb, torch.bfloat16, steps + 1))
         op, ld = self._weight(W, False, h)
         lookup, vocab = (None, None), 0
-        if ids is not None:
-            vocab = table.shape[0] if table.dim() == 2 else -1
+        if ids is not None or table is not None:
             self._ids(ids, steps, batch)
-            self._check(vocab, 1, h, table=(table.unsqueeze(1), torch.float32, vocab))
+            vocab = self._table("table", table, h)
             lookup = (ids.data_ptr(), table.data_ptr())
         if self._lib.forward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, A.data_ptr(), Hb.data_ptr(),
                              *lookup, vocab) != 0:
@@ -148,21 +147,32 @@ class Loops:
                     H=(H, torch.float32, steps), dAb=(dAb, torch.bfloat16, steps))
         op, ld = self._weight(W, True, h)
         scatter, vocab = (None, None), 0
-        if ids is not None:
-            vocab = G.shape[0] - 1 if G.dim() == 2 else -1
+        if ids is not None or G is not None:
             self._ids(ids, steps, batch)
-            self._check(vocab + 1, 1, h, G=(G.unsqueeze(1), torch.float32, vocab + 1))
+            vocab = self._table("G", G, h) - 1
             scatter = (ids.data_ptr(), G.data_ptr())
         if self._lib.backward(self._gemm, op, ld, W.data_ptr(), steps, batch, h, dH.data_ptr(), dA.data_ptr(),
                               H.data_ptr(), dAb.data_ptr(), *scatter, vocab) != 0:
             raise IndexError(f"native loops: a token id outside 0 .. {vocab - 1}.")
 
     @staticmethod
-    def _ids(ids: torch.Tensor, steps: int, batch: int) -> None:
-        if (ids.dtype != torch.long or ids.device.type != "cpu" or not ids.is_contiguous()
+    def _table(name: str, x: torch.Tensor | None, h: int) -> int:
+        """The number of rows of `x`, a contiguous fp32 CPU (rows, h) table that C may index with
+        32-bit row numbers; ValueError if it is not one."""
+        if (x is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu"
+                or not x.is_contiguous() or x.shape[1] != h or not 2 <= x.shape[0] < 2**31 // max(h, 1)):
+            got = "None" if x is None else f"{x.dtype} {tuple(x.shape)} on {x.device.type}"
+            raise ValueError(f"native loops: {name} must be a contiguous float32 CPU tensor of shape "
+                             f"(rows, {h}) with at least 2 rows, not {got}.")
+        return x.shape[0]
+
+    @staticmethod
+    def _ids(ids: torch.Tensor | None, steps: int, batch: int) -> None:
+        if (ids is None or ids.dtype != torch.long or ids.device.type != "cpu" or not ids.is_contiguous()
                 or tuple(ids.shape) != (steps, batch)):
+            got = "None" if ids is None else f"{ids.dtype} {tuple(ids.shape)}"
             raise ValueError(f"native loops: ids must be a contiguous int64 CPU tensor of shape "
-                             f"{(steps, batch)}, not {ids.dtype} {tuple(ids.shape)}.")
+                             f"{(steps, batch)}, not {got}.")
 
     # ---- the output layer (tanh_rnn.c, "the output layer on AMX tiles") ----
 
@@ -220,6 +230,8 @@ class Loops:
     def _status(code: int) -> None:
         if code == -1:
             raise MemoryError("native head: out of memory for its packed operands.")
+        if code == -2:
+            raise RuntimeError("native head: this CPU or process cannot use AMX tiles.")
         if code != 0:
             raise RuntimeError(f"native head: failed ({code}).")
 

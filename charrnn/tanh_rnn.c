@@ -43,7 +43,7 @@ static inline uint16_t to_bf16(float f) {
 }
 
 /* y[i] = bf16(x[i]) for n values: 16 at a time with AVX512-BF16's conversion (round to nearest
-   even, as to_bf16; NaN stays NaN), the rest one by one. (GCC 12 vectorizes a plain loop over
+   even and NaN stays NaN, as to_bf16, but subnormal inputs become zero), the rest one by one. (GCC 12 vectorizes a plain loop over
    to_bf16 too, NaN branch and all, about as fast: the step loops keep theirs.) */
 static void to_bf16_n(const float *x, uint16_t *y, size_t n) {
     size_t i = 0;

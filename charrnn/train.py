@@ -167,50 +167,51 @@ class CudaGraphStep:
     the state, and every later one copies its data in and replays. The optimizer's update runs op
     by op after each replay (one fused kernel for SGD), so every optimizer works unchanged. The
     numbers are the same as op by op; only the launching differs. If recording fails, the run
-    goes on op by op (`failed` says why).
+    goes on op by op (`failed` says why). `release()` frees the graph's memory when a run ends; a
+    run continued later records again.
     """
     WARMUP = 3
 
     def __init__(self, trainer: "Trainer"):
         self.trainer, self.calls = trainer, 0
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.recorded = False                   # whether a graph was recorded (and replayed) in this run
         self.failed: str | None = None
         self.side = torch.cuda.Stream(trainer.device)
 
     def __call__(self, X, y, state):
+        """One minibatch (every one of a run has the same shape): (loss, norm, new state). The
+        state returned after a replay is the graph's own buffer, which the next replay overwrites."""
         trainer = self.trainer
+        if self.failed:
+            return trainer.eager_step(X, y, state)
         self.calls += 1
-        if self.failed or self.calls <= self.WARMUP:
-            return self._eager(X, y, state)
+        if self.calls <= self.WARMUP:
+            return self._warm_up(X, y, state)
         if self.graph is None:
+            stream = torch.cuda.current_stream(trainer.device)
             try:
                 self._record(X, y, state)
             except RuntimeError as e:           # an op that cannot be recorded: carry on op by op
+                # a failed capture can leave the capture stream current: go back to this thread's own
+                torch.cuda.set_stream(stream)
                 torch.cuda.synchronize(trainer.device)
-                self.graph, self.failed = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                trainer.optimizer.zero_grad(set_to_none=True)
-                return self._eager(X, y, state)
-        elif X.shape != self.X.shape:           # a minibatch of another shape: op by op, same grads
-            return self._unrecorded(X, y, state)
+                self.release()
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return trainer.eager_step(X, y, state)
         self.X.copy_(X)
         self.y.copy_(y)
         copy_state(self.state, state)
         self.graph.replay()
         trainer.optimizer.step()
-        return self.loss, self.norm.clone(), self.state  # the norm is overwritten by the next replay
+        return self.loss.clone(), self.norm.clone(), self.state  # copies: the next replay overwrites them
 
-    def _eager(self, X, y, state):
+    def _warm_up(self, X, y, state):
         device = self.trainer.device
         torch.cuda.synchronize(device)
         with torch.cuda.stream(self.side):
             out = self.trainer.eager_step(X, y, state)
         torch.cuda.synchronize(device)
-        return out
-
-    def _unrecorded(self, X, y, state):
-        """After recording, the gradients live in the graph's memory: zero them in place."""
-        out = self.trainer.minibatch(X, y, state, set_to_none=False)
-        self.trainer.optimizer.step()
         return out
 
     def _record(self, X, y, state):
@@ -222,7 +223,14 @@ class CudaGraphStep:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.loss, self.norm, new_state = trainer.minibatch(self.X, self.y, self.state)
             copy_state(self.state, new_state)         # the next minibatch starts from it
-        self.graph = graph
+        self.graph, self.recorded = graph, True
+
+    def release(self) -> None:
+        """Free the graph and its memory (the gradients live there too); the next call warms up
+        and records again."""
+        self.graph = self.X = self.y = self.state = self.loss = self.norm = None
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        self.calls = 0
 
 
 def clone_state(state):
@@ -271,7 +279,7 @@ class Trainer:
     @property
     def graphed(self) -> bool:
         """Whether the minibatches replay a recorded CUDA graph (after the first few)."""
-        return isinstance(self.step, CudaGraphStep) and self.step.graph is not None
+        return isinstance(self.step, CudaGraphStep) and self.step.recorded
 
     @property
     def graph_failed(self) -> str | None:
@@ -335,8 +343,12 @@ class Trainer:
         when the loss stops being finite. `config.threads` applies to the thread that iterates
         it, so iterate it on one thread (a job's worker, the CLI's main thread).
         """
-        with cpu_threads(self.config.threads):   # this thread's ops only: the app's other threads keep theirs
-            yield from self._run(stop)
+        try:
+            with cpu_threads(self.config.threads):   # this thread's ops only: the app's other threads keep theirs
+                yield from self._run(stop)
+        finally:
+            if isinstance(self.step, CudaGraphStep):  # a finished job would keep the graph's memory
+                self.step.release()
 
     def _run(self, stop: threading.Event | None) -> Iterator[EpochStats]:
         cfg, t_start = self.config, time.perf_counter()

@@ -212,6 +212,9 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
         rows = "".join(f"<div><code>{epoch:>5}</code> {html.escape(text)}</div>"
                        for epoch, text in reversed(snap.samples[-30:]))
         st.html(f"<div style='font-family:monospace;font-size:0.85em;max-height:230px;overflow-y:auto'>{rows}</div>")
+    if snap.graph_failed:
+        st.warning(f"The CUDA graph could not be recorded, so this run launches its ops one by one "
+                   f"(slower, same numbers): {snap.graph_failed}")
     if snap.error:
         st.error(snap.error)
 

@@ -234,6 +234,10 @@ def test_c_loops_check_their_arguments():
         loops.forward(A, Hb, W, ids.int(), table)
     with pytest.raises(ValueError, match="table must be"):
         loops.forward(A, Hb, W, ids, torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="table must be .*not None"):          # ids without a table
+        loops.forward(A, Hb, W, ids)
+    with pytest.raises(ValueError, match="ids must be .*not None"):            # G without ids
+        loops.backward(A, A.clone(), A.clone(), Hb[:3].clone(), W, None, torch.zeros(6, 4))
     for bad in (5, -1):
         ids[2, 1] = bad
         with pytest.raises(IndexError, match="outside 0 .. 4"):
@@ -353,6 +357,7 @@ def test_concise_rnn_head_in_bf16_follows_fp32():
         model = build_model(ModelConfig("rnn", 33, 64), seed=0)
         model.precision = precision
         Y, _ = model(X, model.begin_state(32))
+        assert (Y.grad_fn.name() == "LinearBF16Backward") == (precision == "bf16")  # the tiles, not a fallback
         Y.square().sum().backward()
         assert model.linear.weight.grad.is_contiguous()
         results.append((Y.detach(), model.linear.weight.grad, model.linear.bias.grad, model.rnn.weight_hh_l0.grad))

@@ -1,6 +1,6 @@
-"""The CUDA path, where there is a GPU (CI has none: these run on a machine lent with one, through
-bench/gpu_check.py's companion command in the README). A recorded CUDA graph must train the same
-numbers as op by op."""
+"""The CUDA path, where there is a GPU (CI has none; on a machine with one:
+`CHARRNN_DATA=../shared/data python -m pytest tests/test_cuda.py`). A recorded CUDA graph must
+train the same numbers as op by op."""
 import pytest
 import torch
 
@@ -10,7 +10,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def run(corpus, **settings):
-    trainer = Trainer(TrainConfig(device="cuda", epochs=4, sample_every=10**6, **settings), corpus)
+    settings = {"epochs": 4} | settings
+    trainer = Trainer(TrainConfig(device="cuda", sample_every=10**6, **settings), corpus)
     return trainer, [s.train_ppl for s in trainer.run() if s.epoch > 0]
 
 
@@ -30,3 +31,30 @@ def test_divergence_keeps_the_last_good_weights_with_a_graph(corpus):
         list(trainer.run())
     assert trainer.graphed
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_a_step_that_cannot_be_recorded_trains_op_by_op(corpus, monkeypatch):
+    trainer = Trainer(TrainConfig(device="cuda", epochs=3, sample_every=10**6), corpus)
+    minibatch = trainer.minibatch
+
+    def refuses_capture(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("this op cannot be recorded")
+        return minibatch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "minibatch", refuses_capture)
+    ppl = [s.train_ppl for s in trainer.run() if s.epoch > 0]
+    assert not trainer.graphed and "cannot be recorded" in trainer.graph_failed
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not left on the capture stream
+    _, ppl_eager = run(corpus, epochs=3, cuda_graphs=False)
+    torch.testing.assert_close(ppl, ppl_eager, rtol=1e-3, atol=0)
+
+
+def test_a_run_continued_records_again_and_matches_one_long_run(corpus):
+    trainer = Trainer(TrainConfig(device="cuda", epochs=2, sample_every=10**6), corpus)
+    first = [s.train_ppl for s in trainer.run() if s.epoch > 0]
+    assert trainer.step.graph is None                               # released when the run ended
+    second = [s.train_ppl for s in trainer.run()]
+    assert trainer.graphed and trainer.epoch == 4
+    _, ppl_eager = run(corpus, epochs=4, cuda_graphs=False)
+    torch.testing.assert_close(first + second, ppl_eager, rtol=1e-3, atol=0)
