@@ -180,10 +180,10 @@ def shape_trace(model: nn.Module, X: torch.Tensor, Y: torch.Tensor | None = None
     if cfg.kind == "scratch":
         XW = onehot @ model.W_xh + model.b_h                    # (steps, batch, h)
         rows.append(TraceRow("X_t @ W_xh + b_h, all t", shape_of(XW), _dtype(XW),
-                             ("one-hot times W_xh picks row x_t of W_xh: on a GPU the fused path (cuDNN) "
-                              "multiplies it; on a CPU it looks the rows up" if model.W_hh.is_cuda else
-                              "one-hot times W_xh picks row x_t of W_xh: the fused path does this as "
-                              "an embedding lookup") if model.fused else "the input's share of every step"))
+                             "one-hot times W_xh picks row x_t of W_xh: the fused path "
+                             + ("(cuDNN, on a GPU) multiplies it" if model.W_hh.is_cuda else
+                                "does this as an embedding lookup")
+                             if model.fused else "the input's share of every step"))
     elif getattr(model, "uses_fused", False):
         W_ih, b = model.rnn.weight_ih_l0, model.rnn.bias_ih_l0 + model.rnn.bias_hh_l0
         XW = F.embedding(X.T, W_ih.t()) + b                     # (steps, batch, h)

@@ -252,19 +252,23 @@ def bf16_copy(Hs: torch.Tensor) -> torch.Tensor | None:
     return copy[0]
 
 
-def linear_head(H, W, b, bf16: bool = False, Hb=None):
-    """H W + b for the output layer: H (tokens, h), W (h, vocab), b (vocab,) -> (tokens, vocab).
+def linear_head(Hs, W, b, bf16: bool = False):
+    """Hs W + b for the output layer: Hs (..., h), W (h, vocab), b (vocab,) -> (tokens, vocab),
+    the tokens of Hs flattened in order.
 
     With `bf16` (training in bf16, see bf16_now), LinearBF16 where the C library was built, the
-    CPU has AMX and the sizes fill whole tiles (tokens and h multiples of 32); fp32 otherwise, so
-    every machine trains. Hb, if given, is bf16(H), already made (bf16_copy). The fp32 path is
-    written as linear(H, W^T, b): the same numbers as H W + b, but autograd then computes W's
-    gradient as (dY^T H)^T, which MKL runs 2x faster than H^T dY here."""
+    CPU has AMX and the sizes fill whole tiles (tokens and h multiples of 32), reading the
+    recurrence's bf16 copy of Hs where it still has one (bf16_copy); fp32 otherwise, so every
+    machine trains. The fp32 path is written as linear(H, W^T, b): the same numbers as H W + b,
+    but autograd then computes W's gradient as (dY^T H)^T, which MKL runs 2x faster than H^T dY here."""
+    h = Hs.shape[-1]
+    H = Hs.reshape(-1, h)
     loops = native.loops() if bf16 else None
-    if (loops is not None and b is not None and H.dim() == 2 and H.device.type == "cpu"
+    if (loops is not None and b is not None and H.device.type == "cpu"
             and H.dtype == W.dtype == b.dtype == torch.float32
-            and loops.head_fits(H.shape[0], H.shape[1], W.shape[1])):
-        return LinearBF16.apply(H.contiguous(), W, b, Hb)
+            and loops.head_fits(H.shape[0], h, W.shape[1])):
+        Hb = bf16_copy(Hs)
+        return LinearBF16.apply(H.contiguous(), W, b, None if Hb is None else Hb.reshape(-1, h))
     return F.linear(H, W.t(), b)
 
 
@@ -322,10 +326,7 @@ class RNNScratch(nn.Module):
         return torch.stack(outputs), (H,)                        # (steps, batch, h)
 
     def head(self, Hs):
-        h = Hs.shape[-1]
-        Hb = bf16_copy(Hs)
-        return linear_head(Hs.reshape(-1, h), self.W_hq, self.b_q, bf16_now(self),
-                           None if Hb is None else Hb.reshape(-1, h))                   # (steps*batch, vocab)
+        return linear_head(Hs, self.W_hq, self.b_q, bf16_now(self))  # (steps*batch, vocab)
 
     def forward(self, X, state):
         Hs, state = self.features(X, state)
@@ -388,12 +389,9 @@ class RNNModel(nn.Module):
         return inputs, torch.stack(finals)                        # state: (layers, batch, h)
 
     def head(self, Hs):
-        H = Hs.reshape(-1, Hs.shape[-1])
         if bf16_now(self):                                        # nn.Linear's weight is (vocab, h)
-            Hb = bf16_copy(Hs)
-            return linear_head(H, self.linear.weight.t(), self.linear.bias, True,
-                               None if Hb is None else Hb.reshape(H.shape))
-        return self.linear(H)                                     # (steps*batch, vocab)
+            return linear_head(Hs, self.linear.weight.t(), self.linear.bias, True)
+        return self.linear(Hs.reshape(-1, Hs.shape[-1]))          # (steps*batch, vocab)
 
     def forward(self, X, state):
         Hs, state = self.features(X, state)

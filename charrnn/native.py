@@ -80,8 +80,17 @@ def _build_dirs() -> list[Path]:
     return dirs
 
 
+def _expect(what: str, tensors: dict) -> None:
+    """ValueError unless every tensor in {name: (x, dtype, shape)} is a contiguous CPU tensor of
+    that dtype and shape: what C may take a raw pointer to."""
+    for name, (x, dtype, shape) in tensors.items():
+        if x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous() or tuple(x.shape) != shape:
+            raise ValueError(f"{what}: {name} must be a contiguous {dtype} CPU tensor of shape "
+                             f"{shape}, not {x.dtype} {tuple(x.shape)}.")
+
+
 class Loops:
-    """The two C functions, with the checks that keep raw pointers safe."""
+    """The C functions, with the checks that keep raw pointers safe."""
 
     def __init__(self, lib: ctypes.CDLL, gemm_address: int):
         self._gemm = gemm_address
@@ -110,10 +119,7 @@ class Loops:
     def _check(steps: int, batch: int, h: int, **tensors) -> None:
         if batch * h >= 2**31 or steps >= 2**31:
             raise ValueError("native loops: batch * hidden size and steps must stay below 2**31.")
-        for name, (x, dtype, first) in tensors.items():
-            if x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous() or tuple(x.shape) != (first, batch, h):
-                raise ValueError(f"native loops: {name} must be a contiguous {dtype} CPU tensor of shape "
-                                 f"{(first, batch, h)}, not {x.dtype} {tuple(x.shape)}.")
+        _expect("native loops", {name: (x, dtype, (first, batch, h)) for name, (x, dtype, first) in tensors.items()})
 
     @staticmethod
     def _weight(W: torch.Tensor, transpose: bool, h: int) -> tuple[int, int]:
@@ -191,10 +197,7 @@ class Loops:
         if not self.head_fits(tokens, h, vocab):
             raise ValueError(f"native head: {tokens} tokens, hidden {h}, vocab {vocab} do not fit the "
                              "AMX tiles here (see head_fits).")
-        for name, (x, dtype, shape) in tensors.items():
-            if x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous() or tuple(x.shape) != shape:
-                raise ValueError(f"native head: {name} must be a contiguous {dtype} CPU tensor of shape "
-                                 f"{shape}, not {x.dtype} {tuple(x.shape)}.")
+        _expect("native head", tensors)
         ld, column_major = bf16gemm._matrix(W, torch.float32, "W")   # dtype, device, layout
         return (1, ld) if column_major else (ld, 1)
 

@@ -259,10 +259,8 @@ class Trainer:
         self.precision = resolve_precision(config.precision, model, self.device)
         self.model.precision = self.precision
         self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
-        if self.device.type == "cuda" and config.cuda_graphs:
-            self.step = CudaGraphStep(self)
-        else:
-            self.step = self.eager_step
+        self.graph_step = CudaGraphStep(self) if self.device.type == "cuda" and config.cuda_graphs else None
+        self.step = self.graph_step or self.eager_step
         self.rng = random.Random(config.seed)     # the iterators' offsets and shuffles
         self.epoch = 0                            # full epochs trained
         self.train_tokens, self.train_seconds = 0, 0.0
@@ -279,12 +277,12 @@ class Trainer:
     @property
     def graphed(self) -> bool:
         """Whether the minibatches replay a recorded CUDA graph (after the first few)."""
-        return isinstance(self.step, CudaGraphStep) and self.step.recorded
+        return self.graph_step is not None and self.graph_step.recorded
 
     @property
     def graph_failed(self) -> str | None:
         """Why recording the CUDA graph failed, if it did (the run then went on op by op)."""
-        return self.step.failed if isinstance(self.step, CudaGraphStep) else None
+        return self.graph_step and self.graph_step.failed
 
     @property
     def tokens_per_s(self) -> float:
@@ -325,12 +323,12 @@ class Trainer:
             tokens += y.numel()
         return loss_sum.item(), tokens, torch.stack(norms)
 
-    def minibatch(self, X, y, state, set_to_none: bool = True):
+    def minibatch(self, X, y, state):
         """Forward, backward and clipping of one minibatch (the update is `optimizer.step()`).
         Returns the loss, the gradient norm before clipping and the new state, all detached."""
         y_hat, state = self.model(X, state)           # (steps*batch, vocab)
         loss = F.cross_entropy(y_hat, y)
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = clip_gradients(self.model.parameters(), self.config.clip)
         return loss.detach(), norm, detach_state(state)
@@ -347,8 +345,8 @@ class Trainer:
             with cpu_threads(self.config.threads):   # this thread's ops only: the app's other threads keep theirs
                 yield from self._run(stop)
         finally:
-            if isinstance(self.step, CudaGraphStep):  # a finished job would keep the graph's memory
-                self.step.release()
+            if self.graph_step is not None:  # a finished job would keep the graph's memory
+                self.graph_step.release()
 
     def _run(self, stop: threading.Event | None) -> Iterator[EpochStats]:
         cfg, t_start = self.config, time.perf_counter()
