@@ -141,6 +141,16 @@ def hline(y: float, color: str, text: str, left: bool) -> tuple[dict, dict]:
     return line, label
 
 
+def log_figure(traces: list[dict], lines: list[tuple[dict, dict]], name: str, height: int, legend_y: float,
+               y_title: str, y_range: list[float]) -> dict:
+    """A Plotly figure per epoch with a log y axis, its dashed lines (hline) and their labels."""
+    layout = dict(height=height, margin=dict(l=60, r=10, t=30, b=10), uirevision=name,
+                  legend=dict(orientation="h", y=legend_y), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],
+                  xaxis=dict(title=dict(text="epoch")),
+                  yaxis=dict(title=dict(text=y_title), type="log", dtick="D2", range=y_range))
+    return dict(data=traces, layout=layout)
+
+
 def perplexity_figure(snaps: list[Snapshot]) -> dict:
     traces = []
     vocab = max(s.vocab_size for s in snaps)
@@ -155,12 +165,8 @@ def perplexity_figure(snaps: list[Snapshot]) -> dict:
                            line=dict(color=color, dash="dot")))
     lines = [hline(vocab, "gray", f"uniform guess = vocab size ({vocab})", True), hline(1, "green", "perfect = 1", True)]
     top = max([vocab] + [v for s in snaps for v in s.columns["train_ppl"] + s.columns["val_ppl"] if math.isfinite(v)])
-    layout = dict(height=380, margin=dict(l=60, r=10, t=30, b=10), uirevision="ppl",
-                  legend=dict(orientation="h", y=-0.2), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],
-                  xaxis=dict(title=dict(text="epoch")),
-                  yaxis=dict(title=dict(text="perplexity (log)"), type="log", dtick="D2",
-                             range=[-0.05, math.log10(top * 1.5)]))  # from just under 1 to the worst
-    return dict(data=traces, layout=layout)
+    # the y range: from just under 1 to the worst
+    return log_figure(traces, lines, "ppl", 380, -0.2, "perplexity (log)", [-0.05, math.log10(top * 1.5)])
 
 
 def decades(values: list[float]) -> list[float]:
@@ -178,11 +184,7 @@ def grad_figure(s: Snapshot) -> dict:
         x, y = curve(ep, s.columns[column][1:])
         traces.append(dict(type="scatter", x=x, y=y, name=name, mode="lines", line=line))
     lines = [hline(s.config.clip, "red", f"θ = {s.config.clip:g}: above it, clipping bites", False)] if s.config.clip > 0 else []
-    layout = dict(height=220, margin=dict(l=60, r=10, t=30, b=10), uirevision="grad",
-                  legend=dict(orientation="h", y=-0.35), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],
-                  xaxis=dict(title=dict(text="epoch")),
-                  yaxis=dict(title=dict(text="‖g‖ before clipping"), type="log", dtick="D2", range=decades(values)))
-    return dict(data=traces, layout=layout)
+    return log_figure(traces, lines, "grad", 220, -0.35, "‖g‖ before clipping", decades(values))
 
 
 def fmt_time(seconds: float | None) -> str:
