@@ -93,8 +93,10 @@ def _generate(model, vocab, prefix, length, device, preprocessing, temperature, 
 def _pick(logits: torch.Tensor, temperature, top_k, gen) -> int:
     if temperature is None and top_k is None:
         return int(logits.argmax())
-    # float64 and a floor on the temperature: dividing by a tiny one must not overflow into NaN
-    logits = logits.double().cpu() / max(temperature or 1.0, MIN_TEMPERATURE)
+    # float64 and a floor on the temperature: dividing by a tiny one must not overflow into NaN.
+    # On the CPU, and in that order: some devices have no float64 (Apple's MPS), and the sampling
+    # generator is a CPU one anyway.
+    logits = logits.cpu().double() / max(temperature or 1.0, MIN_TEMPERATURE)
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

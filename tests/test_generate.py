@@ -79,3 +79,44 @@ def test_bidirectional_models_refuse_to_generate():
     m = build_model(ModelConfig("gru", len(VOCAB), 8, bidirectional=True))
     with pytest.raises(ValueError, match="bidirectional"):
         generate(m, VOCAB, "the", 5)
+
+
+class NoFloat64(torch.Tensor):
+    """A CPU tensor standing in for one on a device without float64 (Apple's MPS): making a
+    float64 tensor from it fails as it does there, and `.cpu()` gives a plain tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is torch.Tensor.cpu:
+                return args[0].as_subclass(torch.Tensor)
+            out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            if out.dtype == torch.float64:
+                raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework "
+                                "doesn't support float64.")
+            return out.as_subclass(cls)      # still "on the device"
+        return out
+
+
+def test_the_fake_device_refuses_float64():
+    x = torch.ones(3).as_subclass(NoFloat64)
+    with pytest.raises(TypeError, match="float64"):
+        x.double()
+    assert type(x.float() * 2) is NoFloat64 and type(x.cpu()) is torch.Tensor
+    assert x.cpu().double().dtype == torch.float64
+
+
+def test_sampling_works_where_the_device_has_no_float64(model, monkeypatch):
+    """The sampling math runs in float64 on the CPU, never on the model's device; the same
+    characters come out as from a CPU model."""
+    calls = [dict(), dict(temperature=1.5, seed=7), dict(top_k=3, seed=1), dict(temperature=1e-9, seed=2)]
+    expected = [generate(model, VOCAB, "the", 40, **kw).continuation for kw in calls]
+    real_forward = model.forward
+
+    def forward(X, state):
+        Y, state = real_forward(X, state)
+        return Y.as_subclass(NoFloat64), state      # the outputs "live on the device"
+
+    monkeypatch.setattr(model, "forward", forward)
+    assert [generate(model, VOCAB, "the", 40, **kw).continuation for kw in calls] == expected
