@@ -11,7 +11,7 @@ import math
 import streamlit as st
 
 from charrnn.checkpoint import CheckpointError
-from charrnn.data import MAX_CORPUS_BYTES, CorpusError, decode_text
+from charrnn.data import DATA_ENV, MAX_CORPUS_BYTES, TIMEMACHINE_FILE, CorpusError, decode_text
 from charrnn.device import available_devices, default_threads, threads_settable
 from charrnn.jobs import JobBusy, Snapshot
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
@@ -23,6 +23,8 @@ through_router()
 
 MODEL_NAMES = {"scratch": "RNN from scratch", "rnn": "nn.RNN", "gru": "GRU", "lstm": "LSTM"}
 MAX_POINTS = 1000  # per curve; longer histories are thinned for drawing
+NO_TIMEMACHINE = (f"The Time Machine could not be loaded: upload a .txt file instead (Corpus: *Upload a .txt*), "
+                  f"or set `{DATA_ENV}` to a folder holding `{TIMEMACHINE_FILE}` and restart the app.")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
 st.title("Train")
@@ -96,7 +98,8 @@ def settings_ui() -> dict:
 
 
 def corpus_ui():
-    """The Time Machine or an uploaded text; returns (source, preprocessing, text) or None."""
+    """The Time Machine or an uploaded text. Returns (source, why): source is (name, preprocessing,
+    text) or None, and `why` says, when it is None, why Start is off and what to do instead."""
     problem = timemachine_problem()
     timemachine_ok = problem is None
     options = ["The Time Machine", "Upload a .txt"]
@@ -105,21 +108,22 @@ def corpus_ui():
     if choice == options[0]:
         if not timemachine_ok:
             st.warning(f"{problem} You can upload a text instead.")
-            return None
-        return "timemachine", "seed", None
+            return None, NO_TIMEMACHINE
+        return ("timemachine", "seed", None), None
     upload = st.file_uploader("A UTF-8 text file", type=["txt"], key="upload",  # not train_-prefixed: an uploader cannot be re-assigned
                               max_upload_size=MAX_CORPUS_BYTES // 2**20,
                               help=f"Up to {MAX_CORPUS_BYTES // 2**20} MB.")
     mode = st.radio("Preprocessing", ["raw", "seed"], key="train_preprocessing", persist_state="session", horizontal=True,
                     format_func={"raw": "raw: every character", "seed": "seed: lowercase letters and spaces"}.get)
+    other = ", or choose The Time Machine" if timemachine_ok else ""
     if upload is None:
-        return None
+        return None, f"Upload a .txt file under Settings{other}."
     try:
         text = decode_text(upload.getvalue(), upload.name)
     except CorpusError as e:
         st.error(str(e))
-        return None
-    return upload.name, mode, text
+        return None, f"The uploaded file cannot be used (the error under Settings says why): upload another .txt file{other}."
+    return (upload.name, mode, text), None
 
 
 # -----------------------------------------------------------------------------
@@ -229,14 +233,19 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
 st.html("<style>[data-testid='stProgress'] * { transition: none !important; }</style>")
 running = jobs.running()
 with st.expander("Settings", expanded=running is None):
-    source = corpus_ui()
+    source, why = corpus_ui()
     settings = settings_ui()
+# Start is off for want of a text: say so, and what to do instead, never "press Start"
+blocked = f"**Start** is off until there is a text to train on. {why}" if running is None and source is None else None
+all_jobs = jobs.jobs()
 
 b1, b2, b3 = st.columns([1, 1, 6], vertical_alignment="center")
 start = b1.button("Start", type="primary", disabled=running is not None or source is None, key="start")
 stop = b2.button("Stop", disabled=running is None, key="stop")
 if running is not None:
     b3.caption(f"{running.label} is training (one run at a time on this machine); Stop it to start another.")
+elif blocked and all_jobs:  # with no run yet, the box below says it
+    b3.caption(blocked)
 
 if start:
     try:
@@ -253,10 +262,9 @@ if stop and running is not None:
     running.stop(timeout=2.0)
     st.rerun()
 
-all_jobs = jobs.jobs()
 if not all_jobs:
-    st.info("Press **Start** to train with the seed's settings; the perplexity curve appears here "
-            "and falls live.")
+    st.info(blocked or "Press **Start** to train with the seed's settings; the perplexity curve appears here "
+                       "and falls live.")
     st.stop()
 
 labels = [j.label for j in all_jobs]

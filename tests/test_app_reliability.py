@@ -73,17 +73,32 @@ def test_a_save_name_that_leaves_the_folder_is_refused(folder):
     assert (folder / "fine-name.safetensors").is_file()
 
 
-def test_offline_without_a_copy_offers_the_upload(tmp_path, monkeypatch):
+@pytest.mark.parametrize("data", ["unset", "empty folder"])
+def test_offline_without_a_copy_offers_the_upload(tmp_path, monkeypatch, data):
+    """Offline with no copy of the book: Upload is picked, and with The Time Machine picked, Start
+    is off and every text on the page says why and what to do, never 'press Start'."""
     from pages.common import corpus_for, timemachine_problem
-    monkeypatch.setenv("CHARRNN_DATA", "")
+    empty = tmp_path / "data"
+    empty.mkdir()
+    monkeypatch.setenv("CHARRNN_DATA", "" if data == "unset" else str(empty))
     monkeypatch.setenv("CHARRNN_OFFLINE", "1")
-    monkeypatch.setenv("CHARRNN_CACHE", str(tmp_path))
-    corpus_for.clear(), timemachine_problem.clear()
+    monkeypatch.setenv("CHARRNN_CACHE", str(tmp_path / "cache"))
+    corpus_for.clear(), timemachine_problem.clear()  # process-wide caches: another test may have found the book
     try:
         at = page("train")
         assert at.radio(key="train_corpus").value == "Upload a .txt"
-        at.radio(key="train_corpus").set_value("The Time Machine").run()
-        assert any("set CHARRNN_DATA" in w.value for w in at.warning)
         assert at.button(key="start").disabled
+        texts = lambda: " ".join(e.value for e in (*at.info, *at.warning, *at.caption))
+        assert "Upload a .txt file under Settings." in texts() and "Press **Start**" not in texts()
+        at.radio(key="train_corpus").set_value("The Time Machine").run()
+        assert not at.exception, at.exception
+        warning = " ".join(w.value for w in at.warning)
+        assert ("Could not download The Time Machine" if data == "unset" else "CHARRNN_DATA points at") in warning
+        assert "set CHARRNN_DATA" in warning or "is missing" in warning
+        assert at.button(key="start").disabled
+        info = " ".join(i.value for i in at.info)
+        assert "Press **Start**" not in info
+        assert "**Start** is off" in info and "upload a .txt file" in info and "`CHARRNN_DATA`" in info
+        assert "`timemachine.txt`" in info
     finally:
         corpus_for.clear(), timemachine_problem.clear()
