@@ -14,6 +14,10 @@ second. The library goes to build/ beside the package (CHARRNN_BUILD moves it; i
 written, a private folder in the temporary directory), named after a hash of the source, the
 flags, the compiler and the CPU, so a changed file or another machine builds afresh. No compiler,
 a failed build, or CHARRNN_NATIVE=0: `loops()` is None and the Python loops run.
+
+Only Linux on x86-64 builds them, decided before any compiler runs: the flags are x86 ones
+(-mprefer-vector-width), the library is an ELF shared object, and the matmul it calls is MKL's,
+which PyTorch ships for x86 Linux. `status()` says in one line which loops run and why.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -69,6 +74,8 @@ def _build_dirs() -> list[Path]:
     """build/ (or CHARRNN_BUILD), then a folder in the temporary directory that only this user
     can write: a library is loaded and run from there, so a folder someone else made is skipped."""
     dirs = [Path(os.environ.get("CHARRNN_BUILD") or BUILD_DIR)]
+    if not hasattr(os, "getuid"):          # no owner to check (Windows): no shared-folder fallback
+        return dirs
     private = Path(tempfile.gettempdir()) / f"charrnn-build-{os.getuid()}"
     try:
         private.mkdir(mode=0o700, exist_ok=True)
@@ -239,19 +246,78 @@ class Loops:
             raise RuntimeError(f"native head: failed ({code}).")
 
 
+def _unsupported() -> str | None:
+    """Why this platform cannot build or load the loops at all, or None if it may: decided
+    without running a compiler."""
+    if os.environ.get("CHARRNN_NATIVE") == "0":
+        return "CHARRNN_NATIVE=0"
+    if not sys.platform.startswith("linux"):
+        return f"the C loops are built on Linux only, not {sys.platform}"
+    machine = platform.machine()
+    if machine.lower() not in ("x86_64", "amd64"):
+        return f"the C loops are built for x86-64 CPUs only, not {machine or 'this one'}"
+    if not bf16gemm.available():
+        return "bf16 does not run here (it needs MKL's bf16 matmul in PyTorch and a CPU with bf16 units)"
+    return None
+
+
+def _first_error(err: subprocess.CalledProcessError) -> str:
+    """The compiler's first error line (GCC and Clang start theirs with a location, then
+    "error:"), else its first line, else the exit status."""
+    output = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    first = lines[0] if lines else f"exit status {err.returncode}"
+    return next((line for line in lines if "error" in line.lower()), first)
+
+
+def _shown(path: Path) -> str:
+    """A library's path, relative to the project when it is inside it."""
+    try:
+        return str(path.relative_to(BUILD_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
 @functools.cache
-def loops() -> Loops | None:
-    """The C loops, built if need be; None where they cannot be (see the module docstring)."""
-    if os.environ.get("CHARRNN_NATIVE") == "0" or not bf16gemm.available():
-        return None
+def _load() -> tuple[Loops | None, str]:
+    """(the loops or None, the status line): one attempt per process, shared by both."""
+    reason = _unsupported()
+    if reason is not None:
+        return None, f"Python loops: {reason}"
     cc = shlex.split(os.environ.get("CC") or "cc")         # CC may be "ccache gcc"
     if not cc or shutil.which(cc[0]) is None:
-        return None
+        missing = f"{cc[0]} is not on the PATH" if cc else "CC is blank"
+        return None, f"Python loops: no C compiler found ({missing}; set CC)"
     gemm = ctypes.cast(bf16gemm._cblas_gemm_bf16(), ctypes.c_void_p).value
+    reason = "no build folder could be written"
     for out_dir in _build_dirs():
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            return Loops(ctypes.CDLL(str(_build(cc, out_dir)), mode=os.RTLD_NOW), gemm)  # all symbols now
-        except (OSError, subprocess.SubprocessError, AttributeError):
-            continue  # not writable, the compiler failed, or a library without our functions: next place
-    return None
+            path = _build(cc, out_dir)
+            found = Loops(ctypes.CDLL(str(path), mode=os.RTLD_NOW), gemm)  # all symbols now
+        except subprocess.CalledProcessError as err:       # the same source fails in any folder
+            return None, f"Python loops: the build failed: {_first_error(err)}"
+        except subprocess.TimeoutExpired:
+            return None, "Python loops: the build timed out"
+        except (OSError, AttributeError) as err:
+            # not writable, or a library that does not load or lacks our functions: next place
+            reason = (f"{out_dir} could not be used ({err.strerror or err})" if isinstance(err, OSError)
+                      else f"the library lacks a function ({err})")
+            continue
+        tiles = "AMX tiles" if found._amx else "no AMX tiles"
+        return found, f"C loops ({_shown(path)}; {tiles})"
+    return None, f"Python loops: {reason}"
+
+
+def loops() -> Loops | None:
+    """The C loops, built if need be; None where they cannot be (see the module docstring)."""
+    return _load()[0]
+
+
+def status() -> str:
+    """Which step loops the bf16 recurrence runs here, and why, in one line: "C loops (build/...)"
+    or "Python loops: <reason>". Builds the loops if that has not been tried yet."""
+    return _load()[1]
+
+
+loops.cache_clear = _load.cache_clear    # one cache behind loops() and status(); tests reset it
