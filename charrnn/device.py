@@ -46,10 +46,15 @@ def _thread_setters():
     background thread would change what the app's other threads (and later runs) get. OpenMP's
     count and MKL's local count are the calling thread's own: ATen's parallel ops read the former
     (omp_get_max_threads), MKL the latter."""
+    # RTLD_NOLOAD: only the copies PyTorch already loaded, never a second OpenMP runtime. Where
+    # there is no such flag (Windows) a lookup could load one, so the counts are left alone.
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is None:
+        return None
     lib = Path(torch.__file__).parent / "lib"
-    try:  # RTLD_NOLOAD: only the copies PyTorch already loaded, never a second OpenMP runtime
-        omp = ctypes.CDLL(str(lib / "libgomp.so.1"), mode=os.RTLD_NOLOAD).omp_set_num_threads
-        mkl = ctypes.CDLL(str(lib / "libtorch_cpu.so"), mode=os.RTLD_NOLOAD).MKL_Set_Num_Threads_Local  # C API, by value
+    try:
+        omp = ctypes.CDLL(str(lib / "libgomp.so.1"), mode=noload).omp_set_num_threads
+        mkl = ctypes.CDLL(str(lib / "libtorch_cpu.so"), mode=noload).MKL_Set_Num_Threads_Local  # C API, by value
     except (OSError, AttributeError):      # a build without GNU OpenMP or MKL (conda's, macOS, ARM)
         return None
     omp.argtypes = mkl.argtypes = [ctypes.c_int]
@@ -70,8 +75,8 @@ def default_threads() -> int:
 @contextmanager
 def cpu_threads(n: int):
     """Inside, the calling thread's CPU ops run on `n` threads (0: leave the count as it is);
-    other threads keep theirs. Where PyTorch has no GNU OpenMP and MKL (conda, macOS and ARM
-    builds; `threads_settable()` says) it changes nothing."""
+    other threads keep theirs. Where PyTorch has no GNU OpenMP and MKL (conda, macOS, Windows and
+    ARM builds; `threads_settable()` says) it changes nothing."""
     setters = _thread_setters() if n > 0 else None
     if setters is None:
         yield

@@ -2,12 +2,11 @@
 benchmark's memory measurement do on macOS, Windows and ARM machines. (The device without
 float64 is faked in tests/test_generate.py.)"""
 import os
-import subprocess
 import sys
 
 import pytest
 
-from charrnn import native
+from charrnn import device, native
 
 
 # -----------------------------------------------------------------------------
@@ -97,3 +96,37 @@ def test_status_agrees_with_loops_here(fresh_native):
     loops = native.loops()
     status = native.status()
     assert status.startswith("C loops (" if loops is not None else "Python loops: "), status
+
+
+# -----------------------------------------------------------------------------
+# per-thread CPU counts (charrnn/device.py): nothing set where the libraries cannot be reached
+
+@pytest.fixture
+def fresh_setters():
+    device._thread_setters.cache_clear()
+    yield
+    device._thread_setters.cache_clear()
+
+
+def check_threads_left_alone():
+    import torch
+    before = torch.get_num_threads()
+    assert not device.threads_settable()
+    with device.cpu_threads(before + 1):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_no_rtld_noload_sets_nothing(fresh_setters, monkeypatch):
+    """Windows has no RTLD_NOLOAD: a plain load could bring in a second OpenMP runtime."""
+    monkeypatch.delattr(os, "RTLD_NOLOAD", raising=False)
+    monkeypatch.setattr(device.ctypes, "CDLL", lambda *a, **k: pytest.fail("a library was loaded"))
+    check_threads_left_alone()
+
+
+def test_no_gnu_openmp_sets_nothing(fresh_setters, monkeypatch):
+    """macOS and conda builds: no libgomp.so.1 beside PyTorch."""
+    def missing(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(device.ctypes, "CDLL", missing)
+    check_threads_left_alone()
