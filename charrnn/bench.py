@@ -102,19 +102,98 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
+class BenchError(RuntimeError):
+    """A benchmark's child process failed. The message is one sentence (the command, how it
+    ended, its last error line, and a log file with its whole output), for the CLI to show as is."""
+
+
+def peak_memory_method() -> str | None:
+    """How a child's peak resident memory is measured on this OS:
+
+    "wait4"   Linux, macOS, the BSDs: the kernel's record for that child alone, exact;
+    "psutil"  elsewhere (Windows) when psutil is installed: the child's memory, polled while it runs
+              (on Windows its peak working set, which the OS keeps, so little is missed);
+    None      neither: not measured ("-" in the table).
+
+    Not getrusage(RUSAGE_CHILDREN): its ru_maxrss is the largest child so far, so every run after
+    a big one would report the big one's peak."""
+    if hasattr(os, "wait4"):
+        return "wait4"
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return None
+    return "psutil"
+
+
+def maxrss_mb(maxrss: int, platform: str | None = None) -> int:
+    """getrusage's ru_maxrss in MiB: macOS counts it in bytes, Linux and the BSDs in KiB."""
+    unit = 1 if (platform or sys.platform) == "darwin" else 1024
+    return round(maxrss * unit / 2**20)
+
+
+def _wait(proc: subprocess.Popen) -> int | None:
+    """Waits for `proc` (its returncode is set after) and returns its peak memory in MiB, or None."""
+    method = peak_memory_method()
+    if method == "wait4":
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return maxrss_mb(usage.ru_maxrss)
+    if method == "psutil":
+        import psutil
+        peak = 0
+        try:
+            child = psutil.Process(proc.pid)
+        except psutil.Error:
+            child = None                                   # already gone
+        while True:
+            if child is not None:
+                try:
+                    info = child.memory_info()
+                    peak = max(peak, getattr(info, "peak_wset", 0) or info.rss)
+                except psutil.Error:
+                    pass                                   # exited between the poll and the read
+            try:
+                proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return round(peak / 2**20) if peak else None
+    proc.wait()
+    return None
+
+
+def _fail(cmd: list[str], how: str, stdout: str, stderr: str) -> BenchError:
+    """The BenchError for a child that `how` (ended with exit status 1, printed no JSON, ...),
+    its whole output saved to a log file that outlives the benchmark."""
+    fd, log = tempfile.mkstemp(prefix="charrnn-bench-", suffix=".log", text=True)
+    shown = " ".join([Path(cmd[0]).name, *cmd[1:]])
+    with os.fdopen(fd, "w") as f:
+        f.write(f"$ {' '.join(cmd)}\n{how}\n\n--- stderr ---\n{stderr}\n--- stdout ---\n{stdout}")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    last = f": {lines[-1].strip()}" if lines else " with no error output"
+    return BenchError(f"The benchmark's run `{shown}` {how}{last}; its full output is in {log}.")
+
+
 def run_child(cmd: list[str]) -> dict:
-    """Run one training process; its last stdout line is JSON. Adds its peak resident memory."""
+    """Run one training process; its last stdout line is JSON. Adds its peak resident memory
+    (peak_rss_mb, None where it cannot be measured). BenchError if it fails."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)          # wait4: this child's own rusage
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak_mb = _wait(proc)
         out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read().strip()
+        stdout, stderr = out.read(), err.read()
     if proc.returncode:
-        last = stderr.splitlines()[-1] if stderr else f"exit status {proc.returncode}"
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {last}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024)  # ru_maxrss is in KiB on Linux
+        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"ended with exit status {proc.returncode}")
+        raise _fail(cmd, how, stdout, stderr)
+    try:
+        result = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise _fail(cmd, "printed no JSON result as its last line", stdout, stderr) from None
+    if not isinstance(result, dict):
+        raise _fail(cmd, "printed JSON that is not an object as its last line", stdout, stderr)
+    result["peak_rss_mb"] = peak_mb
     return result
 
 
@@ -219,7 +298,7 @@ def main(args) -> None:
     for row in rows:
         print(f"{row['model']:<8} {row['side']:<15} {row['precision']:<9} {row['tokens_per_s']:>10,} {row['vs_baseline']:>6.2f} "
               f"{row['perplexity']:>8.3f} {row['limit_tokens_per_s']:>9,} {row['fraction_of_limit']:>8.0%} "
-              f"{row['peak_rss_mb'] or 0:>8.0f}")
+              f"{row['peak_rss_mb'] or '-':>8}")
     if gen is not None:
         print(f"generation: 500 characters greedily from the shipped checkpoint in {gen:.1f} ms")
     print(json.dumps({"rows": rows, "generation_500_ms": gen and round(gen, 1), "baseline": baseline,

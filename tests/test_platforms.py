@@ -3,10 +3,11 @@ benchmark's memory measurement do on macOS, Windows and ARM machines. (The devic
 float64 is faked in tests/test_generate.py.)"""
 import os
 import sys
+import types
 
 import pytest
 
-from charrnn import device, native
+from charrnn import bench, device, native
 
 
 # -----------------------------------------------------------------------------
@@ -130,3 +131,102 @@ def test_no_gnu_openmp_sets_nothing(fresh_setters, monkeypatch):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(device.ctypes, "CDLL", missing)
     check_threads_left_alone()
+
+
+# -----------------------------------------------------------------------------
+# the benchmark's children (charrnn/bench.py): peak memory per OS, and failures as BenchError
+
+def fake_psutil(peak_bytes: int) -> types.ModuleType:
+    """psutil as Windows has it: memory_info() with the peak working set."""
+    module = types.ModuleType("psutil")
+    module.Error = type("Error", (Exception,), {})
+    class Process:
+        def __init__(self, pid):
+            self.pid = pid
+        def memory_info(self):
+            return types.SimpleNamespace(rss=peak_bytes // 2, peak_wset=peak_bytes)
+    module.Process = Process
+    return module
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    """No os.wait4 (nor resource), as on Windows."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.delattr(os, "wait4", raising=False)
+    monkeypatch.setitem(sys.modules, "resource", None)     # import resource: ImportError
+
+
+def test_memory_method_per_platform(monkeypatch):
+    if hasattr(os, "wait4"):
+        assert bench.peak_memory_method() == "wait4"
+    monkeypatch.delattr(os, "wait4", raising=False)
+    monkeypatch.setitem(sys.modules, "psutil", fake_psutil(0))
+    assert bench.peak_memory_method() == "psutil"
+    monkeypatch.setitem(sys.modules, "psutil", None)       # not installed
+    assert bench.peak_memory_method() is None
+
+
+@pytest.mark.parametrize("platform, maxrss", [("linux", 300 * 1024), ("freebsd14", 300 * 1024),
+                                              ("darwin", 300 * 2**20)])
+def test_maxrss_units(platform, maxrss):
+    """ru_maxrss: KiB on Linux and the BSDs, bytes on macOS."""
+    assert bench.maxrss_mb(maxrss, platform) == 300
+
+
+CHILD_300_MB = [sys.executable, "-c", "data = b'x' * (300 << 20); print('{\"tokens_per_s\": 1}')"]
+
+
+@pytest.mark.skipif(not hasattr(os, "wait4"), reason="the OS's own measurement needs os.wait4")
+def test_a_childs_peak_memory_here():
+    """Measured for real, in this OS's units: a child that fills 300 MiB reports about that."""
+    result = bench.run_child(CHILD_300_MB)
+    assert result["tokens_per_s"] == 1
+    assert 300 <= result["peak_rss_mb"] < 450, result
+
+
+def test_a_childs_peak_memory_on_windows(windows, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psutil", fake_psutil(123 << 20))
+    assert bench.run_child(CHILD_300_MB)["peak_rss_mb"] == 123
+
+
+def test_no_peak_memory_without_psutil(windows, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    result = bench.run_child(CHILD_300_MB)
+    assert result["tokens_per_s"] == 1 and result["peak_rss_mb"] is None
+
+
+def bench_error(cmd) -> tuple[str, str]:
+    """(the BenchError's message, the log it names); the log is removed."""
+    with pytest.raises(bench.BenchError) as caught:
+        bench.run_child(cmd)
+    message = str(caught.value)
+    log = message.rsplit(" is in ", 1)[1].rstrip(".")
+    try:
+        with open(log) as f:
+            return message, f.read()
+    finally:
+        os.remove(log)
+
+
+def test_a_failed_child_is_one_readable_line_with_a_log():
+    script = ("import sys; print('partial'); print('Traceback (most recent call last):', file=sys.stderr); "
+              "print('  File x, line 1', file=sys.stderr); print('ValueError: no corpus', file=sys.stderr); "
+              "sys.exit(3)")
+    message, log = bench_error([sys.executable, "-c", script])
+    assert issubclass(bench.BenchError, RuntimeError)
+    assert "\n" not in message
+    assert "ended with exit status 3: ValueError: no corpus; its full output is in " in message, message
+    assert "Traceback (most recent call last):" in log and "ValueError: no corpus" in log and "partial" in log
+
+
+def test_a_child_without_a_json_result_is_a_bench_error():
+    message, log = bench_error([sys.executable, "-c", "print('done, no JSON')"])
+    assert "printed no JSON result" in message and "with no error output" in message
+    assert "done, no JSON" in log
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_a_killed_child_says_so():
+    message, _ = bench_error([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert "was killed by signal 9" in message
