@@ -3,7 +3,9 @@
 The metadata says everything needed to use and reproduce the model: its config, the vocabulary
 (index -> token), the preprocessing, the corpus (name, SHA-1), the training settings and the
 command, the final metrics and the per-epoch history. Files are written to a temporary file and
-renamed, so a crash mid-save leaves the previous file whole. Nothing is ever unpickled.
+renamed, so a crash mid-save leaves the previous file whole. A save never replaces an existing
+file unless asked to (overwrite=True): the refusal is atomic, so two saves racing for one name
+cannot both win. Nothing is ever unpickled.
 
     python -m charrnn list                    # the checkpoints in checkpoints/
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -29,13 +32,19 @@ FORMAT, FORMAT_VERSION = "charrnn-checkpoint", 1
 SUFFIX = ".safetensors"
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # CHARRNN_CHECKPOINTS overrides
 DEFAULT_NAME = "default"
-_UMASK = os.umask(0)  # read once, at import: os.umask can only be read by setting it
-os.umask(_UMASK)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read or written; the message is one sentence for the user."""
+
+
+class CheckpointExists(CheckpointError):
+    """The name is taken and replacing it was not asked for; `path` is the existing file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        super().__init__(f"{self.path} exists already; choose another name or ask to overwrite it.")
 
 
 @dataclass
@@ -96,16 +105,57 @@ def make_metadata(trainer, command: str | None = None, settings: dict | None = N
     }
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -> Path:
-    """Write weights + metadata atomically (temporary file in the same folder, then rename)."""
+def _with_suffix(path: str | os.PathLike) -> Path:
     path = Path(path)
-    if path.suffix != SUFFIX:
-        path = path.with_name(path.name + SUFFIX)
+    return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
+
+
+def _temp_file(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, empty file .NAME.RANDOM.tmp in `folder`, opened for writing. Mode 0o666 lets the
+    kernel apply the process's umask, so the checkpoint gets what a plain open() would give."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:     # 64 random bits taken already: draw again
+            continue
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Give the finished temporary file its name, atomically. Without `overwrite`, a hard link
+    claims the name only if it is free (the kernel checks and creates in one step, so a racing
+    save cannot be replaced); filesystems without hard links fall back to a check, then a rename."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise CheckpointExists(path) from None
+    except OSError:                 # no hard links here (EPERM, ENOTSUP, ...)
+        if os.path.lexists(path):
+            raise CheckpointExists(path) from None
+        os.replace(tmp, path)
+        return
+    try:
+        tmp.unlink()
+    except OSError:                 # the checkpoint is in place; a stray temp file is harmless
+        pass
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict, overwrite: bool = False) -> Path:
+    """Write weights + metadata atomically (temporary file in the same folder, then a link or a
+    rename). An existing file is replaced only with `overwrite`; otherwise CheckpointExists, and
+    the existing file is left exactly as it was."""
+    path = _with_suffix(path)
+    if not overwrite and os.path.lexists(path):    # refuse early; _publish makes the refusal race-free
+        raise CheckpointExists(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = safetensors.torch.save(tensors, metadata={"charrnn": json.dumps(metadata)})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+        fd, tmp = _temp_file(path.parent, path.name)
     except OSError as e:
         raise CheckpointError(f"Cannot write a checkpoint in {path.parent} ({e.strerror}).") from None
     try:
@@ -113,23 +163,26 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict) -
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)                # mkstemp's 0600 -> what a plain open() gives
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"Cannot write {path} ({e.strerror}).") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail early, before hours of training, when `path` cannot be written."""
-    folder = Path(path).parent
+def check_writable(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Fail early, before hours of training, when `path` cannot be written or (without
+    `overwrite`) is taken already: CheckpointExists, as save_checkpoint would raise."""
+    path = _with_suffix(path)
+    if not overwrite and os.path.lexists(path):
+        raise CheckpointExists(path)
+    folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".charrnn-check"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".charrnn-check", suffix=".tmp"):
             pass
     except OSError as e:
         raise CheckpointError(f"Cannot write a checkpoint in {folder} ({e.strerror}).") from None

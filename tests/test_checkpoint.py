@@ -1,15 +1,18 @@
-"""Checkpoints: round trip, damaged and foreign files, names, and a save killed half-way."""
+"""Checkpoints: round trip, damaged and foreign files, names, a save killed half-way, and saves
+that never replace a file unless asked."""
+import errno
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from charrnn.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, make_metadata,
-                                path_for_name, read_metadata, save_checkpoint)
+from charrnn.checkpoint import (CheckpointError, CheckpointExists, check_writable, list_checkpoints, load_checkpoint,
+                                make_metadata, path_for_name, read_metadata, save_checkpoint)
 from charrnn.generate import predict
 from charrnn.train import TrainConfig, Trainer
 
@@ -97,7 +100,6 @@ def test_unwritable_folder(trained, tmp_path):
 
 KILLED_SAVE = """
 import os, sys, time, torch
-from charrnn import checkpoint
 from charrnn.models import ModelConfig, build_model
 model = build_model(ModelConfig("rnn", 28, 256))
 real_fsync = os.fsync
@@ -105,7 +107,7 @@ def slow_fsync(fd):
     print("writing", flush=True)
     time.sleep(60)
 os.fsync = slow_fsync
-checkpoint.save_checkpoint(sys.argv[1], model, {"format": "charrnn-checkpoint"})
+checkpoint.save_checkpoint(sys.argv[1], model, {"format": "charrnn-checkpoint"}, overwrite=True)
 """
 
 
@@ -130,3 +132,91 @@ def test_incomplete_metadata_is_reported_not_raised(trained, ckpt_dir):
         read_metadata(ckpt_dir / "partial.safetensors")
     (entry,) = list_checkpoints()
     assert "lacks model" in entry["error"]
+
+
+def test_a_taken_name_is_refused_and_the_file_kept(trained, ckpt_dir):
+    path = save_checkpoint(path_for_name("mine"), trained.model, make_metadata(trained, command="first"))
+    before = path.read_bytes()
+    with pytest.raises(CheckpointExists) as e:
+        save_checkpoint(path_for_name("mine"), trained.model, make_metadata(trained, command="second"))
+    message = str(e.value)
+    assert e.value.path == path and isinstance(e.value, CheckpointError)
+    assert str(path) in message and "overwrite" in message and "\n" not in message
+    assert path.read_bytes() == before
+    with pytest.raises(CheckpointExists):                   # the name without its suffix is the same file
+        save_checkpoint(ckpt_dir / "mine", trained.model, make_metadata(trained))
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["mine.safetensors"]   # no temporary files left
+    again = save_checkpoint(path, trained.model, make_metadata(trained, command="second"), overwrite=True)
+    assert again == path and read_metadata(path)["command"] == "second"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["mine.safetensors"]
+
+
+def test_a_name_taken_during_the_save_is_refused_atomically(trained, ckpt_dir, monkeypatch):
+    """Another save takes the name after the early check, while this one writes its temp file:
+    the hard link fails instead of replacing the other file."""
+    path = ckpt_dir / "raced.safetensors"
+    real_fsync = os.fsync
+    def other_save_meanwhile(fd):
+        real_fsync(fd)
+        if not path.exists():
+            path.write_bytes(b"the other save")
+    monkeypatch.setattr(os, "fsync", other_save_meanwhile)
+    with pytest.raises(CheckpointExists):
+        save_checkpoint(path, trained.model, make_metadata(trained))
+    assert path.read_bytes() == b"the other save"
+    assert [p.name for p in ckpt_dir.iterdir()] == ["raced.safetensors"]
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
+def test_without_hard_links_a_taken_name_is_still_refused(trained, ckpt_dir, monkeypatch, code):
+    def no_links(src, dst):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(os, "link", no_links)
+    path = save_checkpoint(ckpt_dir / "nolinks", trained.model, make_metadata(trained, command="first"))
+    assert read_metadata(path)["command"] == "first"
+    before = path.read_bytes()
+    with pytest.raises(CheckpointExists):
+        save_checkpoint(path, trained.model, make_metadata(trained, command="second"))
+    assert path.read_bytes() == before
+    save_checkpoint(path, trained.model, make_metadata(trained, command="third"), overwrite=True)
+    assert read_metadata(path)["command"] == "third"
+    assert [p.name for p in ckpt_dir.iterdir()] == ["nolinks.safetensors"]
+
+
+def test_check_writable_refuses_a_taken_name(trained, ckpt_dir):
+    check_writable(ckpt_dir / "free.safetensors")
+    path = save_checkpoint(ckpt_dir / "taken", trained.model, make_metadata(trained))
+    for target in (path, ckpt_dir / "taken"):
+        with pytest.raises(CheckpointExists, match="exists already"):
+            check_writable(target)
+        check_writable(target, overwrite=True)
+    assert [p.name for p in ckpt_dir.iterdir()] == ["taken.safetensors"]
+
+
+UMASK = """
+import os, sys
+from pathlib import Path
+calls = []
+real_umask = os.umask
+os.umask = lambda mask: calls.append(mask) or real_umask(mask)
+real_umask(0o027)
+import charrnn, charrnn.checkpoint, charrnn.__main__, charrnn.jobs
+from charrnn.models import ModelConfig, build_model
+assert calls == [], f"importing charrnn called os.umask{tuple(calls)}"
+folder = Path(sys.argv[1])
+path = charrnn.checkpoint.save_checkpoint(folder / "model", build_model(ModelConfig("rnn", 28, 8)),
+                                          {"format": "charrnn-checkpoint"})
+assert calls == [], f"saving called os.umask{tuple(calls)}"
+with open(folder / "plain", "w"):
+    pass
+print(oct(path.stat().st_mode & 0o777), oct((folder / "plain").stat().st_mode & 0o777), oct(real_umask(0o022)))
+"""
+
+
+def test_the_umask_is_left_alone_and_applied_to_saves(tmp_path):
+    """No os.umask at import or save (it is process-wide: a server thread could create files
+    meanwhile); the kernel applies it to the checkpoint as to any plain open()."""
+    r = subprocess.run([sys.executable, "-c", UMASK, str(tmp_path)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0o640", "0o640", "0o27"]
