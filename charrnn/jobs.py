@@ -4,7 +4,8 @@
     job = registry.start(TrainConfig(epochs=50), corpus)   # refused with JobBusy while one runs
     snap = job.snapshot()                                  # plain data: status, columns, samples
     job.stop()                                             # returns within a second
-    job.save("my-model")                                   # checkpoints/my-model.safetensors
+    job.save(job.default_name)                             # checkpoints/rnn-256-20250101-093000.safetensors
+    job.save("my-model", overwrite=True)                   # replaces an existing my-model
 
 The worker thread only appends numbers and strings under a lock and checks a threading.Event
 between minibatches; it never touches the UI. Its exceptions are caught and kept as one sentence.
@@ -80,6 +81,7 @@ class Job:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._started = time.perf_counter()
+        self.started_at = time.localtime()                 # wall clock, for names that outlive the process
         self._ended: float | None = None
         self._thread = threading.Thread(target=self._work, name=f"charrnn-{self.id}", daemon=True)
 
@@ -138,14 +140,21 @@ class Job:
                 precision=self.trainer.precision, saved=list(self.saved),
                 graph_failed=self.trainer.graph_failed)
 
-    def save(self, name: str) -> str:
-        """Save the model as checkpoints/NAME.safetensors; only once the job has ended."""
+    @property
+    def default_name(self) -> str:
+        """MODEL-HIDDEN-YYYYmmdd-HHMMSS, from when the job started: unlike the job id (run1, run2,
+        ... again after every restart of the server) it does not repeat an earlier run's name."""
+        return f"{self.config.model}-{self.config.hidden_size}-{time.strftime('%Y%m%d-%H%M%S', self.started_at)}"
+
+    def save(self, name: str, overwrite: bool = False) -> str:
+        """Save the model as checkpoints/NAME.safetensors; only once the job has ended. A taken
+        name raises CheckpointExists (the file is left as it was) unless `overwrite`."""
         if self.running:
             raise JobBusy("Stop the run before saving it.")
         if self.trainer.epoch == 0:
             raise ValueError("This run has not finished an epoch yet: there is nothing to save.")
         meta = make_metadata(self.trainer, command=self.cli_command(), settings=self.settings)
-        path = save_checkpoint(path_for_name(name), self.trainer.model, meta)
+        path = save_checkpoint(path_for_name(name), self.trainer.model, meta, overwrite=overwrite)
         with self._lock:
             self.saved.append(str(path))
         return str(path)

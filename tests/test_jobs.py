@@ -1,11 +1,16 @@
-"""Background training jobs: one at a time, prompt stop, errors kept as sentences, compact history."""
+"""Background training jobs: one at a time, prompt stop, errors kept as sentences, compact history,
+default names that outlive the process, saves that never replace a checkpoint unless asked."""
+import itertools
+import re
 import threading
 import time
+import types
 
 import pytest
 
-from charrnn.checkpoint import load_checkpoint
-from charrnn.jobs import JobBusy, JobRegistry
+from charrnn import jobs as jobs_module
+from charrnn.checkpoint import CheckpointExists, load_checkpoint, read_metadata
+from charrnn.jobs import Job, JobBusy, JobRegistry
 from charrnn.train import TrainConfig
 
 SMALL = dict(model="rnn", hidden_size=32)
@@ -93,3 +98,37 @@ def test_history_is_compact(registry, corpus):
     job = registry.start(TrainConfig(**SMALL, epochs=3), corpus)
     job.join(60)
     assert all(a.typecode == "d" for a in job.columns.values())  # 8 bytes a value, not dicts
+
+
+def test_default_names_do_not_repeat_after_a_restart(corpus, monkeypatch):
+    """Job ids start again at run1 with every server; the default name uses the start time instead."""
+    clock = itertools.count(1_700_000_000, 3600)        # each job starts an hour after the last
+    monkeypatch.setattr(jobs_module, "time", types.SimpleNamespace(
+        perf_counter=time.perf_counter, strftime=time.strftime, localtime=lambda: time.localtime(next(clock))))
+    names = []
+    for _ in range(2):                                  # two "server starts": fresh ids, fresh registry
+        monkeypatch.setattr(Job, "_ids", itertools.count(1))
+        registry = JobRegistry()
+        job = registry.start(TrainConfig(**SMALL, epochs=1), corpus)
+        job.join(60)
+        assert job.id == "run1"
+        assert re.fullmatch(r"rnn-32-\d{8}-\d{6}", job.default_name)
+        assert job.default_name == "rnn-32-" + time.strftime("%Y%m%d-%H%M%S", job.started_at)
+        names.append(job.default_name)
+    assert names[0] != names[1]
+
+
+def test_saving_under_a_taken_name_is_refused_unless_overwrite(registry, corpus, ckpt_dir):
+    job = registry.start(TrainConfig(**SMALL, epochs=1), corpus)
+    job.join(60)
+    path = job.save(job.default_name)
+    assert path == str(ckpt_dir / f"{job.default_name}.safetensors")
+    before = (ckpt_dir / f"{job.default_name}.safetensors").read_bytes()
+    other = registry.start(TrainConfig(**SMALL, epochs=2), corpus)
+    other.join(60)
+    with pytest.raises(CheckpointExists, match="exists already"):
+        other.save(job.default_name)
+    assert (ckpt_dir / f"{job.default_name}.safetensors").read_bytes() == before
+    assert other.snapshot().saved == []
+    assert other.save(job.default_name, overwrite=True) == path
+    assert read_metadata(path)["metrics"]["epochs"] == 2 and other.snapshot().saved == [path]
