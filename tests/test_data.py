@@ -4,6 +4,7 @@ import urllib.request
 
 import pytest
 import torch
+from conftest import small_text
 
 from charrnn import data
 from charrnn.data import (CorpusError, Vocab, check_batchable, decode_text, load_corpus, preprocess,
@@ -78,9 +79,16 @@ def test_too_short_for_one_batch():
     check_batchable(32 * 35 + 36, 32, 35)
 
 
-def test_local_copy_and_cache(tmp_path, monkeypatch):
-    good = (data.Path(data.os.environ["CHARRNN_DATA"]) / "timemachine.txt").read_bytes()
-    monkeypatch.delenv("CHARRNN_DATA")
+@pytest.fixture
+def good(monkeypatch):
+    """Bytes that pass the corpus's SHA-1 check: a built text, with the expected SHA-1 set to its own."""
+    text = small_text().encode()
+    monkeypatch.setattr(data, "TIMEMACHINE_SHA1", data.sha1_of(text))
+    return text
+
+
+def test_local_copy_and_cache(tmp_path, monkeypatch, good):
+    monkeypatch.delenv("CHARRNN_DATA", raising=False)
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "timemachine.txt").write_bytes(good)
@@ -97,9 +105,8 @@ def test_local_copy_and_cache(tmp_path, monkeypatch):
         data.fetch_timemachine(cache_dir=cache)
 
 
-def test_download_is_verified_and_cached(tmp_path, monkeypatch):
-    good = (data.Path(data.os.environ["CHARRNN_DATA"]) / "timemachine.txt").read_bytes()
-    monkeypatch.delenv("CHARRNN_DATA")
+def test_download_is_verified_and_cached(tmp_path, monkeypatch, good):
+    monkeypatch.delenv("CHARRNN_DATA", raising=False)
     monkeypatch.delenv("CHARRNN_OFFLINE", raising=False)  # CI sets it; urlopen is faked here
 
     class Response:
@@ -135,5 +142,5 @@ def test_own_text_raw_keeps_everything_and_holds_out_a_tenth():
 
 
 def test_max_tokens_zero_trains_on_all_but_the_held_out_tail():
-    c = load_corpus("timemachine", "seed", max_tokens=0, val_tokens=2_000)
+    c = load_corpus("small.txt", "seed", max_tokens=0, val_tokens=2_000, text=small_text(5_000))
     assert len(c.train) + len(c.val) == c.total_tokens and len(c.val) == 2_000

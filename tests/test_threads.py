@@ -66,9 +66,9 @@ def test_zero_leaves_the_count_alone():
 
 
 @needs_two
-def test_a_job_trains_on_its_threads_only(corpus):
+def test_a_job_trains_on_its_threads_only(small_corpus):
     seen = []
-    job = Job(TrainConfig(model="rnn", hidden_size=16, epochs=2, threads=1), corpus)
+    job = Job(TrainConfig(model="rnn", hidden_size=16, epochs=2, threads=1), small_corpus)
     original = job.trainer.train_epoch
 
     def spy(stop=None):
@@ -82,8 +82,8 @@ def test_a_job_trains_on_its_threads_only(corpus):
     assert "--threads 1" in job.cli_command()
 
 
-def test_threads_are_checked(corpus):
+def test_threads_are_checked(small_corpus):
     with pytest.raises(ValueError, match="Threads must be between 0"):
         TrainConfig(threads=-1)
-    trainer = Trainer(TrainConfig(model="rnn", hidden_size=16, epochs=1, threads=1), corpus)
+    trainer = Trainer(TrainConfig(model="rnn", hidden_size=16, epochs=1, threads=1), small_corpus)
     assert [s.epoch for s in trainer.run()] == [0, 1]

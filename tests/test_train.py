@@ -45,8 +45,8 @@ def test_short_run_converges_on_the_time_machine(corpus):
     assert all(e.grad_norm > 0 and 0 <= e.clipped <= 1 for e in events[1:])
 
 
-def test_random_sampling_resets_state(corpus, monkeypatch):
-    trainer = Trainer(TrainConfig(model="scratch", hidden_size=8, epochs=1, sampling="random"), corpus)
+def test_random_sampling_resets_state(small_corpus, monkeypatch):
+    trainer = Trainer(TrainConfig(model="scratch", hidden_size=8, epochs=1, sampling="random"), small_corpus)
     starts = []
     original = trainer.model.begin_state
     monkeypatch.setattr(trainer.model, "begin_state", lambda b, d=None: starts.append(b) or original(b, d))
@@ -58,9 +58,9 @@ def test_random_sampling_resets_state(corpus, monkeypatch):
     assert n_batches >= 7 and len(starts) == 1   # random: every minibatch; sequential: once
 
 
-def test_stop_returns_promptly(corpus):
+def test_stop_returns_promptly(small_corpus):
     stop = threading.Event()
-    trainer = Trainer(TrainConfig(model="rnn", hidden_size=32, epochs=10_000), corpus)
+    trainer = Trainer(TrainConfig(model="rnn", hidden_size=32, epochs=10_000), small_corpus)
     seen = []
     for stats in trainer.run(stop):
         seen.append(stats.epoch)
@@ -69,22 +69,22 @@ def test_stop_returns_promptly(corpus):
     assert seen == [0, 1, 2, 3] and trainer.epoch == 3
 
 
-def test_divergence_is_reported_and_last_good_weights_kept(corpus):
-    trainer = Trainer(TrainConfig(model="rnn", hidden_size=32, lr=1e30, clip=0, epochs=50), corpus)
+def test_divergence_is_reported_and_last_good_weights_kept(small_corpus):
+    trainer = Trainer(TrainConfig(model="rnn", hidden_size=32, lr=1e30, clip=0, epochs=50), small_corpus)
     with pytest.raises(TrainingDiverged, match="diverged"):
         list(trainer.run())
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_perplexity_of_a_uniform_model_is_the_vocab_size(corpus):
+def test_perplexity_of_a_uniform_model_is_the_vocab_size(small_corpus):
     class Uniform(nn.Module):
         def begin_state(self, b, d=None): return torch.zeros(1)
         def forward(self, X, state): return torch.zeros(X.numel(), 28), state
-    assert perplexity(Uniform(), corpus.val, 32, "cpu") == pytest.approx(28.0, rel=1e-5)
+    assert perplexity(Uniform(), small_corpus.val, 32, "cpu") == pytest.approx(28.0, rel=1e-5)
 
 
-def test_adam_and_continuing_a_run(corpus):
-    trainer = Trainer(TrainConfig(model="gru", hidden_size=32, epochs=2, optimizer="adam", lr=0.01), corpus)
+def test_adam_and_continuing_a_run(small_corpus):
+    trainer = Trainer(TrainConfig(model="gru", hidden_size=32, epochs=2, optimizer="adam", lr=0.01), small_corpus)
     list(trainer.run())
     more = list(trainer.run())                        # run again: two more epochs, no epoch-0 event
     assert [e.epoch for e in more] == [3, 4] and trainer.epoch == 4
