@@ -6,19 +6,26 @@
     python -m charrnn bench --rounds 3
 
 Bad input exits with status 2 and one line on stderr; a diverged run exits with status 1.
+
+`train --save NAME` never replaces an existing checkpoint unless --overwrite is given: a taken name
+is refused before training starts, and if the name is taken while the run trains, the model is
+saved as NAME-YYYYmmdd-HHMMSS instead.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, check_writable, list_checkpoints, load_checkpoint, make_metadata, resolve, save_checkpoint
+from .checkpoint import (SUFFIX, CheckpointError, CheckpointExists, check_writable, list_checkpoints, load_checkpoint,
+                         make_metadata, resolve, save_checkpoint)
 from .data import PREPROCESSING, SAMPLERS, CorpusError, load_corpus
 from .device import DEVICES
 from .generate import MAX_LENGTH, check_sampling, generate
@@ -68,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="CPU threads for the run (default 0: one per core)")
     t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a CUDA device, launch each op from Python instead of replaying a recorded graph")
-    t.add_argument("--save", metavar="PATH", help="checkpoint name (in checkpoints/) or path")
+    t.add_argument("--save", metavar="NAME", help="checkpoint name (in checkpoints/) or path; a taken name "
+                                                    "is refused unless --overwrite is given")
+    t.add_argument("--overwrite", action="store_true", help="let --save replace an existing checkpoint")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -104,7 +113,10 @@ def cmd_train(args) -> None:
         threads=args.threads, cuda_graphs=args.cuda_graphs)
     save_path = resolve(args.save) if args.save else None
     if save_path is not None:
-        check_writable(save_path)
+        try:
+            check_writable(save_path, overwrite=args.overwrite)
+        except CheckpointExists as e:
+            fail(taken_message(e.path))
     corpus = load_corpus(args.corpus, args.preprocessing, config.max_tokens, args.val_tokens)
     trainer = Trainer(config, corpus)
     command = "python -m charrnn " + shlex.join(args.argv)
@@ -135,8 +147,7 @@ def cmd_train(args) -> None:
               file=sys.stderr)
     saved = None
     if save_path is not None and trainer.epoch > 0:
-        saved = save_checkpoint(save_path, trainer.model, make_metadata(trainer, command=command))
-        print(f"charrnn: saved {saved} (epoch {trainer.epoch}).", file=sys.stderr)
+        saved = save_trained(save_path, trainer, command, args.overwrite)
     last = trainer.last
     result = {
         "model": config.model, "hidden": config.hidden_size, "layers": config.num_layers,
@@ -158,6 +169,34 @@ def cmd_train(args) -> None:
         print(result["sample"])
     if status:
         sys.exit(status)
+
+
+def taken_message(path) -> str:
+    return f"{path} exists already; choose another name or pass --overwrite to replace it."
+
+
+def save_trained(path: Path, trainer, command: str, overwrite: bool) -> Path:
+    """Save the trained model at `path`; if that name was taken while it trained, under
+    NAME-YYYYmmdd-HHMMSS (-2, -3, ... if need be) beside it, so that the run is not lost."""
+    meta = make_metadata(trainer, command=command)
+    try:
+        saved = save_checkpoint(path, trainer.model, meta, overwrite=overwrite)
+        print(f"charrnn: saved {saved} (epoch {trainer.epoch}).", file=sys.stderr)
+        return saved
+    except CheckpointExists as e:
+        taken = e.path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = taken.name[:-len(SUFFIX)]
+    for n in itertools.count(1):
+        tail = f"-{stamp}" + (f"-{n}" if n > 1 else "")
+        try:
+            saved = save_checkpoint(taken.with_name(stem[:64 - len(tail)] + tail + SUFFIX), trainer.model, meta)
+            break
+        except CheckpointExists:
+            continue
+    print(f"charrnn: {taken} was created while this run trained; saved {saved} instead "
+          f"(epoch {trainer.epoch}).", file=sys.stderr)
+    return saved
 
 
 def cmd_generate(args) -> None:

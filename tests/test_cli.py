@@ -1,12 +1,16 @@
-"""The command line as other tools use it: flags, the --json keys, exit status 2 on bad input."""
+"""The command line as other tools use it: flags, the --json keys, exit status 2 on bad input, and
+saves that never replace a checkpoint unless asked."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import charrnn.__main__ as cli_main
+from charrnn.checkpoint import read_metadata
 from charrnn.device import available_devices
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +131,42 @@ def test_tiny_temperature_and_suffixed_names_work():
 def test_bench_bad_input(args, message):
     r = cli(*args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+TINY = ("train", "--model", "rnn", "--hidden", "16", "--epochs", "1", "--quiet", "--json")
+
+
+def test_a_taken_name_is_refused_before_training_unless_overwrite(ckpt_dir):
+    first = cli(*TINY, "--save", "mine")
+    assert first.returncode == 0, first.stderr
+    path = ckpt_dir / "mine.safetensors"
+    before = path.read_bytes()
+    r = cli("train", "--model", "rnn", "--hidden", "16", "--epochs", "100000", "--save", "mine")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert str(path) in lines[0] and "exists already" in lines[0] and "--overwrite" in lines[0]
+    assert "epoch" not in r.stderr and "Traceback" not in r.stderr   # refused before training began
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["mine.safetensors"]
+    o = cli(*TINY, "--seed", "1", "--save", "mine", "--overwrite")
+    assert o.returncode == 0, o.stderr
+    assert json.loads(o.stdout.strip().splitlines()[-1])["checkpoint"] == str(path)
+    assert path.read_bytes() != before and "--overwrite" in read_metadata(path)["command"]
+
+
+def test_a_name_taken_while_training_saves_under_a_dated_name(ckpt_dir, monkeypatch, capsys):
+    """Someone saves `mine` after the early check: the run is kept as mine-YYYYmmdd-HHMMSS."""
+    path = ckpt_dir / "mine.safetensors"
+    real_check = cli_main.check_writable
+    def check_then_taken(target, overwrite=False):
+        real_check(target, overwrite)
+        path.write_bytes(b"someone else's model")
+    monkeypatch.setattr(cli_main, "check_writable", check_then_taken)
+    cli_main.main([*TINY, "--save", "mine"])
+    out, err = capsys.readouterr()
+    saved = Path(json.loads(out.strip().splitlines()[-1])["checkpoint"])
+    assert saved.parent == ckpt_dir and re.fullmatch(r"mine-\d{8}-\d{6}\.safetensors", saved.name)
+    assert read_metadata(saved)["metrics"]["epochs"] == 1
+    assert path.read_bytes() == b"someone else's model"
+    assert str(path) in err and f"saved {saved} instead" in err
+
