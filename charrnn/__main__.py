@@ -5,7 +5,9 @@
     python -m charrnn list
     python -m charrnn bench --rounds 3
 
-Bad input exits with status 2 and one line on stderr; a diverged run exits with status 1.
+Bad input exits with status 2 and one line on stderr; a diverged run exits with status 1 and one
+line; an interrupted one with 130. Anything else is a bug in charrnn or below it: it exits with
+status 1 and its full traceback, never dressed up as bad input.
 
 `train --save NAME` never replaces an existing checkpoint unless --overwrite is given: a taken name
 is refused before training starts, and if the name is taken while the run trains, the model is
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import linecache
 import shlex
 import sys
 import time
@@ -32,7 +35,29 @@ from .generate import MAX_LENGTH, check_sampling, generate
 from .models import KINDS
 from .train import OPTIMIZERS, PRECISIONS, TrainConfig, Trainer, TrainingDiverged
 
-USER_ERRORS = (ValueError, CorpusError, CheckpointError)  # -> exit 2, one line
+USER_ERRORS = (CorpusError, CheckpointError)  # -> exit 2, one line; plain ValueErrors: see user_error
+PACKAGE = Path(__file__).resolve().parent
+INTERNAL_CHECKS = {"native.py", "bf16gemm.py"}   # their ValueErrors guard the C code's inputs: bugs if raised
+
+
+def user_error(e: BaseException) -> bool:
+    """Whether `e` is a sentence for the user (exit 2) rather than a bug (traceback, exit 1).
+
+    CorpusError and CheckpointError always are. The settings checks (TrainConfig, ModelConfig,
+    devices, sampling, bench options) raise plain ValueError, and so do torch and Python itself
+    when something is broken, so a plain ValueError counts only when a `raise` statement in
+    charrnn's own modules raised it (not the native wrappers' internal checks). Subclasses of
+    ValueError from elsewhere (UnicodeError, JSONDecodeError, ...) are bugs."""
+    if isinstance(e, USER_ERRORS):
+        return True
+    if type(e) is not ValueError or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    file = Path(tb.tb_frame.f_code.co_filename)
+    return (file.parent == PACKAGE and file.name not in INTERNAL_CHECKS
+            and linecache.getline(str(file), tb.tb_lineno).lstrip().startswith("raise "))
 
 
 class Parser(argparse.ArgumentParser):
@@ -245,10 +270,15 @@ def main(argv=None) -> None:
         elif args.command == "bench":
             from .bench import main as bench_main
             bench_main(args)
-    except USER_ERRORS as e:
+    except TrainingDiverged as e:
+        fail(str(e), status=1)
+    except KeyboardInterrupt:
+        print("charrnn: interrupted.", file=sys.stderr)
+        sys.exit(130)
+    except ValueError as e:
+        if not user_error(e):
+            raise                   # a bug: the full traceback, exit status 1
         fail(str(e))
-    except RuntimeError as e:  # a benchmark child that failed, say: one line, not a traceback
-        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, status=1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The command line as other tools use it: flags, the --json keys, exit status 2 on bad input, and
-saves that never replace a checkpoint unless asked."""
+"""The command line as other tools use it: flags, the --json keys, exit status 2 on bad input,
+tracebacks for bugs, and saves that never replace a checkpoint unless asked."""
 import json
 import os
 import re
@@ -170,3 +170,38 @@ def test_a_name_taken_while_training_saves_under_a_dated_name(ckpt_dir, monkeypa
     assert path.read_bytes() == b"someone else's model"
     assert str(path) in err and f"saved {saved} instead" in err
 
+
+BROKEN = """
+import sys
+import charrnn.__main__ as m
+from charrnn.checkpoint import CheckpointError
+def broken(args):
+    if sys.argv[1] == "torch":
+        import torch
+        torch.nn.functional.dropout(torch.zeros(2), p=2.0)   # a ValueError from inside torch
+    if sys.argv[1] == "builtin":
+        int("not a number")                                  # a ValueError from a bug in charrnn
+    raise {"key": KeyError("lost"), "runtime": RuntimeError("native crash"),
+           "user": CheckpointError("No checkpoint at x."), "interrupt": KeyboardInterrupt()}[sys.argv[1]]
+m.cmd_list = broken
+m.main(["list"])
+"""
+
+
+@pytest.mark.parametrize("error, status, last_line", [
+    ("key", 1, "KeyError: 'lost'"),
+    ("runtime", 1, "RuntimeError: native crash"),
+    ("torch", 1, "ValueError: dropout probability"),
+    ("builtin", 1, "ValueError: invalid literal for int()"),
+    ("user", 2, "charrnn: error: No checkpoint at x."),
+    ("interrupt", 130, "charrnn: interrupted."),
+])
+def test_bugs_show_their_traceback_and_mistakes_one_line(error, status, last_line):
+    r = subprocess.run([sys.executable, "-c", BROKEN, error], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == status and lines[-1].startswith(last_line), r.stderr
+    if status == 1:
+        assert lines[0] == "Traceback (most recent call last):" and "charrnn: error" not in r.stderr
+    else:
+        assert len(lines) == 1
