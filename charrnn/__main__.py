@@ -6,7 +6,8 @@
     python -m charrnn bench --rounds 3
 
 Bad input exits with status 2 and one line on stderr; a diverged run exits with status 1 and one
-line; an interrupted one with 130. Anything else is a bug in charrnn or below it: it exits with
+line, and so does a benchmark whose child run failed (the line names the child's log); an
+interrupted run exits with 130. Anything else is a bug in charrnn or below it: it exits with
 status 1 and its full traceback, never dressed up as bad input.
 
 `train --save NAME` never replaces an existing checkpoint unless --overwrite is given: a taken name
@@ -268,8 +269,11 @@ def main(argv=None) -> None:
         elif args.command == "list":
             cmd_list(args)
         elif args.command == "bench":
-            from .bench import main as bench_main
-            bench_main(args)
+            from .bench import BenchError, main as bench_main
+            try:
+                bench_main(args)
+            except BenchError as e:     # a child run failed: one sentence that names its log
+                fail(str(e), status=1)
     except TrainingDiverged as e:
         fail(str(e), status=1)
     except KeyboardInterrupt:

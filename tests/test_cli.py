@@ -174,6 +174,7 @@ def test_a_name_taken_while_training_saves_under_a_dated_name(ckpt_dir, monkeypa
 BROKEN = """
 import sys
 import charrnn.__main__ as m
+from charrnn import bench
 from charrnn.checkpoint import CheckpointError
 def broken(args):
     if sys.argv[1] == "torch":
@@ -183,8 +184,12 @@ def broken(args):
         int("not a number")                                  # a ValueError from a bug in charrnn
     raise {"key": KeyError("lost"), "runtime": RuntimeError("native crash"),
            "user": CheckpointError("No checkpoint at x."), "interrupt": KeyboardInterrupt()}[sys.argv[1]]
+def failed_child(*args):
+    raise bench.BenchError("The benchmark's run `python -m charrnn train` ended with exit status 1: "
+                           "KeyError: 'x'; its full output is in /tmp/charrnn-bench-x.log.")
 m.cmd_list = broken
-m.main(["list"])
+bench.ours = failed_child
+m.main(["bench", "--models", "rnn", "--rounds", "1", "--epochs", "1"] if sys.argv[1] == "bench" else ["list"])
 """
 
 
@@ -195,13 +200,14 @@ m.main(["list"])
     ("builtin", 1, "ValueError: invalid literal for int()"),
     ("user", 2, "charrnn: error: No checkpoint at x."),
     ("interrupt", 130, "charrnn: interrupted."),
+    ("bench", 1, "charrnn: error: The benchmark's run `python -m charrnn train` ended with exit status 1"),
 ])
 def test_bugs_show_their_traceback_and_mistakes_one_line(error, status, last_line):
     r = subprocess.run([sys.executable, "-c", BROKEN, error], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == status and lines[-1].startswith(last_line), r.stderr
-    if status == 1:
+    if error != "bench" and status == 1:
         assert lines[0] == "Traceback (most recent call last):" and "charrnn: error" not in r.stderr
     else:
         assert len(lines) == 1
