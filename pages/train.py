@@ -10,7 +10,7 @@ import math
 
 import streamlit as st
 
-from charrnn.checkpoint import CheckpointError
+from charrnn.checkpoint import CheckpointError, CheckpointExists, path_for_name, read_metadata
 from charrnn.data import DATA_ENV, MAX_CORPUS_BYTES, TIMEMACHINE_FILE, CorpusError, decode_text
 from charrnn.device import available_devices, default_threads, threads_settable
 from charrnn.jobs import JobBusy, Snapshot
@@ -286,6 +286,35 @@ def live():
 live()
 
 # save the ended runs
+
+def save_clicked(job, overwrite: bool) -> None:
+    """Save and Overwrite call this before the page is drawn again, so the page then shows the
+    outcome and only the buttons that still apply. A taken name is remembered, not replaced."""
+    name = st.session_state[f"save_name_{job.id}"].strip()
+    st.session_state.pop("save_taken", None)
+    try:
+        path = job.save(name, overwrite=overwrite)
+    except CheckpointExists:
+        st.session_state["save_taken"] = (job.id, name)
+        return
+    except (CheckpointError, ValueError, JobBusy) as e:
+        st.session_state["save_said"] = ("error", str(e))
+        return
+    st.session_state["save_said"] = ("success", f"{'Replaced' if overwrite else 'Saved'} {path}. It is now in "
+                                                 "the Generate and Inspect pages.")
+
+
+def existing(path) -> str:
+    """What the checkpoint at `path` holds, in a few words."""
+    try:
+        meta = read_metadata(path)
+        m, epochs = meta["model"], meta["metrics"].get("epochs")
+        return (f"It holds {m['kind']}-{m['hidden_size']} after {epochs} epoch{'' if epochs == 1 else 's'}, "
+                f"saved {meta.get('created', 'at an unknown time')}.")
+    except (CheckpointError, KeyError, TypeError):
+        return "It is not a readable checkpoint."
+
+
 ended = [j for j in all_jobs if not j.running and j.trainer.epoch > 0]
 if ended:
     st.subheader("Save a run")
@@ -293,14 +322,21 @@ if ended:
     # no key: when another run ends the options change, and the newest run is selected again
     pick = c1.selectbox("Run", [j.label for j in reversed(ended)])
     job = next(j for j in ended if j.label == pick)
-    name = c2.text_input("Checkpoint name", f"{job.config.model}-{job.config.hidden_size}-{job.id}",
-                         key=f"save_name_{job.id}", help="Saved as checkpoints/NAME.safetensors.")
+    # the default name carries the run's start time: job ids restart at run1 with every server start
+    name = c2.text_input("Checkpoint name", job.default_name, key=f"save_name_{job.id}",
+                         help="Saved as checkpoints/NAME.safetensors. A name already taken is not replaced "
+                              "unless you confirm it.").strip()
     c3.write("")
-    if c3.button("Save", key="save"):
-        try:
-            path = job.save(name)
-            st.success(f"Saved {path}. It is now in the Generate and Inspect pages.")
-        except (CheckpointError, ValueError, JobBusy) as e:
-            st.error(str(e))
+    c3.button("Save", key="save", on_click=save_clicked, args=(job, False))
+    said = st.session_state.pop("save_said", None)
+    if said:
+        (st.success if said[0] == "success" else st.error)(said[1])
+    if st.session_state.get("save_taken") == (job.id, name):  # forgotten once the name or the run changes
+        taken = path_for_name(name)
+        st.warning(f"A checkpoint named `{name}` exists already (`{taken}`), so nothing was saved. "
+                   f"{existing(taken)} **Overwrite** replaces it with this run; to keep it, type another name.")
+        o1, o2, _ = st.columns([1, 1, 6])
+        o1.button("Overwrite", key="save_overwrite", type="primary", on_click=save_clicked, args=(job, True))
+        o2.button("Cancel", key="save_cancel", on_click=st.session_state.pop, args=("save_taken", None))
     with st.expander("The same run from the command line"):
         st.code(job.cli_command(), language="bash")

@@ -4,7 +4,9 @@ AppTest never fires `run_every`, so the tests poll with at.run() until a deadlin
 test starts is stopped by the `jobs` fixture (tests/conftest.py).
 """
 import json
+import re
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,7 @@ def test_train_live_chart_stop_and_save(jobs):
     at.number_input(key="train_hidden_rnn").set_value(64)
     at.number_input(key="train_epochs").set_value(2000)
     at.run()
+    started = datetime.now()
     at.button(key="start").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     job = jobs.running()
@@ -92,6 +95,9 @@ def test_train_live_chart_stop_and_save(jobs):
     at.button(key="stop").click().run()
     assert time.monotonic() - t0 < 5 and not job.alive
     assert job.snapshot().status == "stopped" and job.trainer.epoch >= 1
+    default = at.text_input(key=f"save_name_{job.id}").value       # the run's start time, not its id
+    assert default == job.default_name and re.fullmatch(r"rnn-64-\d{8}-\d{6}", default), default
+    assert abs(datetime.strptime(default[-15:], "%Y%m%d-%H%M%S") - started) < timedelta(minutes=5)
     at.text_input(key=f"save_name_{job.id}").set_value("from-the-app")
     at.button(key="save").click().run()
     assert any("Saved" in s.value for s in at.success), [e.value for e in at.error]
@@ -111,6 +117,60 @@ def test_a_run_without_validation_or_with_odd_labels_draws(jobs):
     figure = live_charts(at)[0]
     assert figure["data"][1]["y"] and set(figure["data"][1]["y"]) == {None}
     assert "<b>" not in figure["data"][0]["name"] and "&lt;b&gt;" in figure["data"][0]["name"]
+
+
+def ended_job(jobs, seed):
+    """A finished two-epoch run on a short text."""
+    from charrnn.data import load_corpus
+    from charrnn.train import TrainConfig
+    corpus = load_corpus("short.txt", "seed", 0, text="the time machine by h g wells " * 40)
+    job = jobs.start(TrainConfig(model="rnn", hidden_size=8, batch_size=2, num_steps=3, epochs=2, seed=seed), corpus)
+    job.join(60)
+    assert not job.running and job.trainer.epoch == 2
+    return job
+
+
+def test_a_taken_name_is_replaced_only_when_confirmed(jobs, ckpt_dir):
+    """Saving under a name already taken (say, a default name from before a server restart)
+    leaves the file as it was and asks; only Overwrite replaces it."""
+    from charrnn.checkpoint import read_metadata
+    first, second = ended_job(jobs, seed=1), ended_job(jobs, seed=2)
+    at = app("train")
+    run = lambda: next(s for s in at.selectbox if s.label == "Run")
+    assert run().value == second.label                                 # the newest run first
+    assert at.text_input(key=f"save_name_{second.id}").value == second.default_name
+    run().set_value(first.label).run()
+    at.text_input(key=f"save_name_{first.id}").set_value("taken")
+    at.button(key="save").click().run()
+    assert any("Saved" in s.value for s in at.success), [e.value for e in at.error]
+    path = ckpt_dir / "taken.safetensors"
+    before = path.read_bytes()
+
+    run().set_value(second.label).run()
+    at.text_input(key=f"save_name_{second.id}").set_value("taken")
+    at.button(key="save").click().run()
+    assert not at.exception and not at.error and not at.success
+    warning = " ".join(w.value for w in at.warning)
+    assert "`taken` exists already" in warning and "nothing was saved" in warning and "**Overwrite**" in warning
+    assert path.read_bytes() == before
+    at.run()                                                           # a rerun asks again, replaces nothing
+    assert at.button(key="save_overwrite") and path.read_bytes() == before
+    at.button(key="save_cancel").click().run()                         # Cancel: the question goes, the file stays
+    assert not at.warning and path.read_bytes() == before
+    with pytest.raises(KeyError):
+        at.button(key="save_overwrite")
+
+    at.button(key="save").click().run()                                # asked again
+    at.text_input(key=f"save_name_{second.id}").set_value("another").run()   # another name: the question goes
+    assert not at.warning and path.read_bytes() == before
+    at.text_input(key=f"save_name_{second.id}").set_value("taken")
+    at.button(key="save").click().run()
+    assert at.warning and path.read_bytes() == before
+    at.button(key="save_overwrite").click().run()
+    assert not at.exception and not at.error and not at.warning
+    assert any("Replaced" in s.value and "taken.safetensors" in s.value for s in at.success)
+    assert path.read_bytes() != before and read_metadata(path)["train"]["seed"] == 2
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["default.safetensors", "taken.safetensors"]
 
 
 def test_train_divergence_is_one_readable_sentence(jobs):
