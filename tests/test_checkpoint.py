@@ -100,6 +100,7 @@ def test_unwritable_folder(trained, tmp_path):
 
 KILLED_SAVE = """
 import os, sys, time, torch
+from charrnn import checkpoint
 from charrnn.models import ModelConfig, build_model
 model = build_model(ModelConfig("rnn", 28, 256))
 real_fsync = os.fsync
