@@ -145,13 +145,40 @@ def hline(y: float, color: str, text: str, left: bool) -> tuple[dict, dict]:
     return line, label
 
 
+def tick_label(v: float) -> str:
+    """A log axis's tick in full: 20 as "20" (Plotly's own minor labels say "2"), 1000 as "1,000"."""
+    if 1e-3 <= v < 1e6:
+        return f"{v:,.0f}" if v == round(v) else f"{v:,g}"
+    e = math.floor(math.log10(v))
+    return f"{v / 10**e:g}e{e}"
+
+
+def log_ticks(y_range: list[float], marks: list[float], px: float) -> tuple[list[float], list[str]]:
+    """Tick values and labels for a log axis over 10**y_range[0] .. 10**y_range[1], drawn `px`
+    pixels tall: 1, 2, 5 in each decade, or only the powers of ten (every other, ...) when the
+    decades are crowded; and the `marks` (the vocabulary size), dropping a regular tick that
+    would crowd one. Only values inside the range."""
+    lo, hi = y_range
+    per_decade = px / max(hi - lo, 1e-9)
+    mantissas, every = ((1, 2, 5), 1) if per_decade >= 50 else ((1,), max(1, math.ceil(18 / per_decade)))
+    regular = [float(f"{m}e{e}") for e in range(math.floor(lo), math.ceil(hi) + 1) if e % every == 0 for m in mantissas]
+    marks = [m for m in marks if m > 0]
+    near = lambda v: any(abs(math.log10(v) - math.log10(m)) * per_decade < 12 for m in marks)
+    values = sorted({v for v in regular if not near(v)} | set(marks))
+    values = [v for v in values if lo - 1e-9 <= math.log10(v) <= hi + 1e-9]
+    return values, [tick_label(v) for v in values]
+
+
 def log_figure(traces: list[dict], lines: list[tuple[dict, dict]], name: str, height: int, legend_y: float,
-               y_title: str, y_range: list[float]) -> dict:
-    """A Plotly figure per epoch with a log y axis, its dashed lines (hline) and their labels."""
+               y_title: str, y_range: list[float], marks: list[float]) -> dict:
+    """A Plotly figure per epoch with a log y axis, its dashed lines (hline) and their labels. The
+    y axis's ticks are given (log_ticks), each labelled in full, the `marks` among them."""
+    tickvals, ticktext = log_ticks(y_range, marks, px=height - 110)   # less the margins, x axis and legend
     layout = dict(height=height, margin=dict(l=60, r=10, t=30, b=10), uirevision=name,
                   legend=dict(orientation="h", y=legend_y), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],
                   xaxis=dict(title=dict(text="epoch")),
-                  yaxis=dict(title=dict(text=y_title), type="log", dtick="D2", range=y_range))
+                  yaxis=dict(title=dict(text=y_title), type="log", range=y_range,
+                             tickmode="array", tickvals=tickvals, ticktext=ticktext))
     return dict(data=traces, layout=layout)
 
 
@@ -170,7 +197,7 @@ def perplexity_figure(snaps: list[Snapshot]) -> dict:
     lines = [hline(vocab, "gray", f"uniform guess = vocab size ({vocab})", True), hline(1, "green", "perfect = 1", True)]
     top = max([vocab] + [v for s in snaps for v in s.columns["train_ppl"] + s.columns["val_ppl"] if math.isfinite(v)])
     # the y range: from just under 1 to the worst
-    return log_figure(traces, lines, "ppl", 380, -0.2, "perplexity (log)", [-0.05, math.log10(top * 1.5)])
+    return log_figure(traces, lines, "ppl", 380, -0.2, "perplexity (log)", [-0.05, math.log10(top * 1.5)], [vocab])
 
 
 def decades(values: list[float]) -> list[float]:
@@ -188,7 +215,8 @@ def grad_figure(s: Snapshot) -> dict:
         x, y = curve(ep, s.columns[column][1:])
         traces.append(dict(type="scatter", x=x, y=y, name=name, mode="lines", line=line))
     lines = [hline(s.config.clip, "red", f"θ = {s.config.clip:g}: above it, clipping bites", False)] if s.config.clip > 0 else []
-    return log_figure(traces, lines, "grad", 220, -0.35, "‖g‖ before clipping", decades(values))
+    return log_figure(traces, lines, "grad", 220, -0.35, "‖g‖ before clipping", decades(values),
+                      [s.config.clip] if s.config.clip > 0 else [])
 
 
 def fmt_time(seconds: float | None) -> str:

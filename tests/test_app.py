@@ -120,10 +120,10 @@ def test_a_run_without_validation_or_with_odd_labels_draws(jobs):
 
 
 def ended_job(jobs, seed):
-    """A finished two-epoch run on a short text."""
+    """A finished two-epoch run on a short text with the seed's 28 tokens."""
     from charrnn.data import load_corpus
     from charrnn.train import TrainConfig
-    corpus = load_corpus("short.txt", "seed", 0, text="the time machine by h g wells " * 40)
+    corpus = load_corpus("short.txt", "seed", 0, text="the time traveller saw the quick brown fox jumps over a lazy dog " * 20)
     job = jobs.start(TrainConfig(model="rnn", hidden_size=8, batch_size=2, num_steps=3, epochs=2, seed=seed), corpus)
     job.join(60)
     assert not job.running and job.trainer.epoch == 2
@@ -171,6 +171,24 @@ def test_a_taken_name_is_replaced_only_when_confirmed(jobs, ckpt_dir):
     assert any("Replaced" in s.value and "taken.safetensors" in s.value for s in at.success)
     assert path.read_bytes() != before and read_metadata(path)["train"]["seed"] == 2
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["default.safetensors", "taken.safetensors"]
+
+
+def test_log_axes_label_their_ticks_in_full(jobs):
+    """Plotly's log axis labels 20 as "2"; the charts give their ticks and write each in full,
+    the vocabulary size (the uniform guess) and θ among them, all inside the plotted range."""
+    job = ended_job(jobs, seed=1)
+    vocab, clip = job.snapshot().vocab_size, job.config.clip
+    ppl, grad = live_charts(app("train"))
+    for figure, mark in [(ppl, vocab), (grad, clip)]:
+        axis = figure["layout"]["yaxis"]
+        assert axis["type"] == "log" and axis["tickmode"] == "array" and "dtick" not in axis
+        values, texts = axis["tickvals"], axis["ticktext"]
+        assert values == sorted(values) and len(values) == len(texts) >= 3
+        assert [float(t.replace(",", "")) for t in texts] == pytest.approx(values)   # "20", never "2"
+        lo, hi = axis["range"]
+        assert all(10 ** lo <= v <= 10 ** hi for v in values)
+        assert mark in values and f"{mark:g}" in texts
+    assert 1 in ppl["layout"]["yaxis"]["tickvals"] and "28" in ppl["layout"]["yaxis"]["ticktext"]
 
 
 def test_train_divergence_is_one_readable_sentence(jobs):
