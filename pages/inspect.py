@@ -86,19 +86,27 @@ with tab_example:
                 f"is time; step t is a ({batch}, {V}) matrix with a single 1 per row, in the column "
                 f"of that row's token." + (f" Ids above {V - 1} are taken modulo {V}." if ex.wrapped else ""))
     n_t, n_b = min(int(steps), MAX_STEPS_DRAWN), min(int(batch), MAX_BATCH_DRAWN)
-    fig = make_subplots(rows=n_t, cols=1, shared_xaxes=True, vertical_spacing=0.3 / n_t,
+    # every step's heatmap has its own column labels, the token of each one-hot index (the bottom
+    # axis alone was far from the top ones); in pixels: a row per sequence, a gap for labels and title
+    row_px, gap_px = 20 + 18 * n_b, 56
+    height = 40 + 30 + n_t * row_px + (n_t - 1) * gap_px     # margins, the bottom labels, the plots
+    fig = make_subplots(rows=n_t, cols=1, shared_xaxes=True, vertical_spacing=gap_px / (height - 70),
                         subplot_titles=[f"t = {t}: one_hot(X.T[{t}])  ({batch}, {V})" for t in range(n_t)])
-    labels = [vocab.label(i) for i in range(V)]
+    labels = [vocab.label(i) for i in range(V)]              # '<unk>', '␣', 'e', ...
     for t in range(n_t):
         z = ex.onehot[t, :n_b].tolist()                            # (n_b, vocab)
-        fig.add_trace(go.Heatmap(z=z, x=labels, y=[f"seq {b}" for b in range(n_b)], zmin=0, zmax=1,
-                                 colorscale=[[0, "#f4f4f4"], [1, "#1f77b4"]], showscale=False,
-                                 xgap=1, ygap=1, hovertemplate="seq %{y}, token %{x}: %{z}<extra></extra>"),
+        fig.add_trace(go.Heatmap(z=z, x=list(range(V)), y=[f"seq {b}" for b in range(n_b)], zmin=0, zmax=1,
+                                 customdata=[labels] * n_b, colorscale=[[0, "#f4f4f4"], [1, "#1f77b4"]],
+                                 showscale=False, xgap=1, ygap=1,
+                                 hovertemplate="seq %{y}, token %{customdata} (id %{x}): %{z}<extra></extra>"),
                       row=t + 1, col=1)
-    fig.update_xaxes(type="category")
+    # all V labels, on every step (Plotly thins a crowded axis, and shared x axes label the bottom one
+    # only), upright: Plotly would turn every letter on its side for the one wide label, <unk>
+    fig.update_xaxes(tickmode="array", tickvals=list(range(V)), ticktext=labels, showticklabels=True,
+                     tickangle=0, tickfont=dict(family="monospace", size=11))
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_annotations(font_size=12)
-    st.plotly_chart(small_layout(fig, 60 + n_t * (50 + 18 * n_b)), width="stretch", key="inspect_onehot_fig")
+    st.plotly_chart(small_layout(fig, height), width="stretch", key="inspect_onehot_fig")
     if n_t < steps or n_b < batch:
         st.caption(f"Drawn: the first {n_t} of {steps} steps and {n_b} of {batch} sequences.")
 

@@ -1,5 +1,6 @@
 """The Inspect page through streamlit's AppTest: it renders for every model kind, its shapes follow
 the widgets, and odd inputs give a sentence, never an exception."""
+import json
 import re
 import shutil
 from pathlib import Path
@@ -151,3 +152,28 @@ def test_long_text_window_survives_a_shorter_text(at):
     assert 0 <= start <= 48 and end == start + 119  # a full window inside the text
     guesses = next(h.value for h in at.html if "width:46px" in h.value)
     assert guesses.count("width:46px") == 120  # a full window of characters, not an empty one
+
+
+def onehot_figure(app) -> dict:
+    """The worked example's one-hot heatmaps, as the figure the browser receives."""
+    specs = [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+    return next(f for f in specs if any("one_hot(X.T[0])" in a.get("text", "") for a in f["layout"]["annotations"]))
+
+
+def test_onehot_columns_are_labelled_with_the_vocabulary(at):
+    """Every step's heatmap names its columns: the token of each one-hot index, all 28, upright."""
+    for steps, batch in [(5, 2), (3, 4)]:
+        at.number_input(key="inspect_steps").set_value(steps)
+        at.number_input(key="inspect_batch").set_value(batch)
+        rerun(at)
+        figure = onehot_figure(at)
+        axes = [v for k, v in figure["layout"].items() if k.startswith("xaxis")]
+        assert len(axes) == steps == len(figure["data"])         # one heatmap, and one labelled axis, per step
+        for axis in axes:
+            assert axis["tickmode"] == "array" and axis["showticklabels"] and axis["tickangle"] == 0
+            assert axis["tickvals"] == list(range(28))
+            labels = axis["ticktext"]
+            assert labels[:2] == ["<unk>", "␣"] and set(labels[2:]) == set("abcdefghijklmnopqrstuvwxyz")
+        for trace in figure["data"]:
+            assert trace["x"] == list(range(28)) and len(trace["z"]) == batch
+            assert trace["customdata"] == [labels] * batch         # the hover names the token too
