@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import linecache
 import shlex
 import sys
 import time
@@ -32,33 +31,12 @@ from .checkpoint import (SUFFIX, CheckpointError, CheckpointExists, check_writab
                          make_metadata, resolve, save_checkpoint)
 from .data import PREPROCESSING, SAMPLERS, CorpusError, load_corpus
 from .device import DEVICES
+from .errors import UserError
 from .generate import MAX_LENGTH, check_sampling, generate
 from .models import KINDS
 from .train import OPTIMIZERS, PRECISIONS, TrainConfig, Trainer, TrainingDiverged
 
-USER_ERRORS = (CorpusError, CheckpointError)  # -> exit 2, one line; plain ValueErrors: see user_error
-PACKAGE = Path(__file__).resolve().parent
-INTERNAL_CHECKS = {"native.py", "bf16gemm.py"}   # their ValueErrors guard the C code's inputs: bugs if raised
-
-
-def user_error(e: BaseException) -> bool:
-    """Whether `e` is a sentence for the user (exit 2) rather than a bug (traceback, exit 1).
-
-    CorpusError and CheckpointError always are. The settings checks (TrainConfig, ModelConfig,
-    devices, sampling, bench options) raise plain ValueError, and so do torch and Python itself
-    when something is broken, so a plain ValueError counts only when a `raise` statement in
-    charrnn's own modules raised it (not the native wrappers' internal checks). Subclasses of
-    ValueError from elsewhere (UnicodeError, JSONDecodeError, ...) are bugs."""
-    if isinstance(e, USER_ERRORS):
-        return True
-    if type(e) is not ValueError or e.__traceback__ is None:
-        return False
-    tb = e.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    file = Path(tb.tb_frame.f_code.co_filename)
-    return (file.parent == PACKAGE and file.name not in INTERNAL_CHECKS
-            and linecache.getline(str(file), tb.tb_lineno).lstrip().startswith("raise "))
+USER_ERRORS = (UserError,)  # -> exit 2, one line (CorpusError, CheckpointError and the settings checks)
 
 
 class Parser(argparse.ArgumentParser):
@@ -279,9 +257,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("charrnn: interrupted.", file=sys.stderr)
         sys.exit(130)
-    except ValueError as e:
-        if not user_error(e):
-            raise                   # a bug: the full traceback, exit status 1
+    except USER_ERRORS as e:    # anything else is a bug: its full traceback, exit status 1
         fail(str(e))
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from . import bf16gemm, native
 from .checkpoint import DEFAULT_NAME, checkpoint_dir, load_checkpoint
 from .device import resolve_device
@@ -238,12 +239,12 @@ def main(args) -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in DEFAULT_HIDDEN]
     if not models or unknown:
-        raise ValueError(f"--models takes a comma-separated list of {', '.join(DEFAULT_HIDDEN)}, "
+        raise UserError(f"--models takes a comma-separated list of {', '.join(DEFAULT_HIDDEN)}, "
                          f"not {args.models!r}.")
     if args.rounds < 1 or args.epochs < 1:
-        raise ValueError("--rounds and --epochs must be at least 1.")
+        raise UserError("--rounds and --epochs must be at least 1.")
     if args.peer and not Path(args.peer).is_file():
-        raise ValueError(f"No benchmark harness at {args.peer}.")
+        raise UserError(f"No benchmark harness at {args.peer}.")
     device = resolve_device("auto")                 # where the children train (their default)
     if device.type == "cuda":
         sides = ["fp32", "eager", "reference", "reference+graph"]

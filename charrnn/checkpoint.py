@@ -26,6 +26,7 @@ from torch import nn
 
 from . import __version__
 from .data import Vocab
+from .errors import UserError
 from .models import ModelConfig, build_model
 
 FORMAT, FORMAT_VERSION = "charrnn-checkpoint", 1
@@ -35,7 +36,7 @@ DEFAULT_NAME = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint could not be read or written; the message is one sentence for the user."""
 
 

@@ -26,6 +26,8 @@ from typing import Iterator
 
 import torch
 
+from .errors import UserError
+
 TIMEMACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 TIMEMACHINE_FILE = "timemachine.txt"
@@ -36,7 +38,7 @@ MAX_CORPUS_BYTES = 20 * 1024 * 1024  # own texts above this are refused (the app
 PREPROCESSING = ("seed", "raw")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus could not be found, fetched or used; the message is one sentence for the user."""
 
 
@@ -145,7 +147,7 @@ def preprocess(text: str, mode: str = "seed") -> list[str]:
         return [ch for line in lines for ch in line]
     if mode == "raw":
         return list(text.replace("\r\n", "\n"))
-    raise ValueError(f"Unknown preprocessing {mode!r}; choose one of {', '.join(PREPROCESSING)}.")
+    raise UserError(f"Unknown preprocessing {mode!r}; choose one of {', '.join(PREPROCESSING)}.")
 
 
 def normalize_prefix(prefix: str, mode: str) -> str:
@@ -249,7 +251,7 @@ def load_corpus(source: str = "timemachine", preprocessing: str = "seed", max_to
 def check_batchable(n_tokens: int, batch_size: int, num_steps: int) -> None:
     """Raise a CorpusError when `n_tokens` cannot fill even one (batch_size, num_steps) minibatch."""
     if batch_size < 1 or num_steps < 1:
-        raise ValueError("Batch size and steps must be at least 1.")
+        raise UserError("Batch size and steps must be at least 1.")
     need = batch_size * num_steps + num_steps + 1  # the worst random offset included
     if n_tokens < need:
         raise CorpusError(f"The training text has {n_tokens} tokens, fewer than one batch of "

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -28,9 +30,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device(available_devices()[0])
     if name not in DEVICES:
-        raise ValueError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
+        raise UserError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
     if name not in available_devices():
-        raise ValueError(f"Device {name} is not available on this machine "
+        raise UserError(f"Device {name} is not available on this machine "
                          f"(available: {', '.join(available_devices())}).")
     return torch.device(name)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .data import Vocab, normalize_prefix
 
 MAX_LENGTH = 10_000  # characters per call; longer requests are refused by the core, capped by the CLI/app
@@ -32,13 +33,13 @@ class Generation:
 
 def check_sampling(length: int, temperature: float | None, top_k: int | None) -> None:
     if length < 0:
-        raise ValueError(f"Length must be 0 or more, not {length}.")
+        raise UserError(f"Length must be 0 or more, not {length}.")
     if length > MAX_LENGTH:
-        raise ValueError(f"Length is capped at {MAX_LENGTH} characters, not {length}.")
+        raise UserError(f"Length is capped at {MAX_LENGTH} characters, not {length}.")
     if temperature is not None and not temperature > 0:
-        raise ValueError(f"Temperature must be above 0, not {temperature} (leave it out for greedy).")
+        raise UserError(f"Temperature must be above 0, not {temperature} (leave it out for greedy).")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"Top-k must be at least 1, not {top_k}.")
+        raise UserError(f"Top-k must be at least 1, not {top_k}.")
 
 
 def generate(model, vocab: Vocab, prefix: str, length: int, device=None, preprocessing: str = "seed",
@@ -51,9 +52,9 @@ def generate(model, vocab: Vocab, prefix: str, length: int, device=None, preproc
     """
     check_sampling(length, temperature, top_k)
     if not prefix:
-        raise ValueError("The prefix is empty: type at least one character to start from.")
+        raise UserError("The prefix is empty: type at least one character to start from.")
     if not model.config.can_generate:
-        raise ValueError("This model is bidirectional: it saw the future while training, so it "
+        raise UserError("This model is bidirectional: it saw the future while training, so it "
                          "cannot generate text honestly.")
     if device is None:
         device = next(model.parameters()).device

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .data import Vocab, normalize_prefix
 from .models import ModelConfig, build_model, seeded
 from .train import safe_exp
@@ -69,7 +70,7 @@ def seed_onehot_example(batch: int = 2, steps: int = 5, vocab_size: int = 28) ->
     """X = arange(batch*steps) as a (batch, steps) batch (ids taken mod vocab_size so they stay
     valid), and its one-hot encoding, time-major because the model loops over the first axis."""
     if batch < 1 or steps < 1 or vocab_size < 2:
-        raise ValueError("Batch and steps must be at least 1 and the vocabulary at least 2.")
+        raise UserError("Batch and steps must be at least 1 and the vocabulary at least 2.")
     n = batch * steps
     X = (torch.arange(n) % vocab_size).reshape(batch, steps)   # (batch, steps)
     onehot = F.one_hot(X.T, vocab_size)                         # (steps, batch, vocab)
@@ -131,7 +132,7 @@ def layer_example(kind: str = "rnn", vocab_size: int = 28, hidden_size: int = 25
     """`rnn_layer = nn.RNN(len(vocab), num_hiddens)` on `torch.rand(num_steps, batch_size, len(vocab))`:
     the layer returns every step's hidden state, not logits (the seed adds the Linear layer after)."""
     if kind not in LAYER_CLASSES:
-        raise ValueError(f"The concise layer is one of {', '.join(LAYER_CLASSES)}, not {kind!r}.")
+        raise UserError(f"The concise layer is one of {', '.join(LAYER_CLASSES)}, not {kind!r}.")
     cls = LAYER_CLASSES[kind]
     with seeded(0):
         layer = cls(vocab_size, hidden_size, num_layers=num_layers, bidirectional=bidirectional)

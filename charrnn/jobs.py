@@ -20,6 +20,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
+from .errors import UserError
 from .checkpoint import make_metadata, path_for_name, save_checkpoint
 from .data import Corpus
 from .train import EpochStats, TrainConfig, Trainer, TrainingDiverged
@@ -152,7 +153,7 @@ class Job:
         if self.running:
             raise JobBusy("Stop the run before saving it.")
         if self.trainer.epoch == 0:
-            raise ValueError("This run has not finished an epoch yet: there is nothing to save.")
+            raise UserError("This run has not finished an epoch yet: there is nothing to save.")
         meta = make_metadata(self.trainer, command=self.cli_command(), settings=self.settings)
         path = save_checkpoint(path_for_name(name), self.trainer.model, meta, overwrite=overwrite)
         with self._lock:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from . import bf16gemm, native
 
 # cuDNN says so when an RNN's weights are not one flat buffer and it copies them at every call:
@@ -48,15 +49,15 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"Unknown model {self.kind!r}; choose one of {', '.join(KINDS)}.")
+            raise UserError(f"Unknown model {self.kind!r}; choose one of {', '.join(KINDS)}.")
         if not 1 <= self.hidden_size <= MAX_HIDDEN:
-            raise ValueError(f"Hidden size must be between 1 and {MAX_HIDDEN}, not {self.hidden_size}.")
+            raise UserError(f"Hidden size must be between 1 and {MAX_HIDDEN}, not {self.hidden_size}.")
         if not 1 <= self.num_layers <= MAX_LAYERS:
-            raise ValueError(f"Layers must be between 1 and {MAX_LAYERS}, not {self.num_layers}.")
+            raise UserError(f"Layers must be between 1 and {MAX_LAYERS}, not {self.num_layers}.")
         if self.vocab_size < 2:
-            raise ValueError("The vocabulary needs at least two tokens.")
+            raise UserError("The vocabulary needs at least two tokens.")
         if self.kind == "scratch" and (self.num_layers != 1 or self.bidirectional):
-            raise ValueError("The from-scratch RNN has one unidirectional layer, as in the seed; "
+            raise UserError("The from-scratch RNN has one unidirectional layer, as in the seed; "
                              "use rnn, gru or lstm for more.")
 
     @property

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from . import bf16gemm
 from .data import SAMPLERS, Corpus, check_batchable
 from .device import cpu_threads, resolve_device
@@ -79,7 +80,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(kind=self.model, vocab_size=vocab_size, hidden_size=self.hidden_size,
@@ -118,7 +119,7 @@ def resolve_precision(name: str, model, device: torch.device) -> str:
         return "bf16"
     if name == "auto":
         return "fp32"
-    raise ValueError(f"Precision bf16 is not available: {why_not}; choose fp32 or auto.")
+    raise UserError(f"Precision bf16 is not available: {why_not}; choose fp32 or auto.")
 
 
 def clip_gradients(parameters, theta: float) -> torch.Tensor:
