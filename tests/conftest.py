@@ -73,6 +73,14 @@ def small_corpus():
     return data.load_corpus("small.txt", "seed", max_tokens=10_000, val_tokens=2_000, text=small_text())
 
 
+@pytest.fixture(scope="session")
+def small_text_file(tmp_path_factory) -> Path:
+    """small_text() as a .txt file, for the CLI's --corpus and the app's upload."""
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text(small_text())
+    return path
+
+
 @pytest.fixture
 def ckpt_dir(tmp_path, monkeypatch):
     """A fresh checkpoints folder for the test."""

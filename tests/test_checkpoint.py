@@ -18,8 +18,8 @@ from charrnn.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
-def trained(corpus):
-    trainer = Trainer(TrainConfig(model="lstm", hidden_size=24, epochs=2, device="cpu"), corpus)
+def trained(small_corpus):
+    trainer = Trainer(TrainConfig(model="lstm", hidden_size=24, epochs=2, device="cpu"), small_corpus)
     list(trainer.run())
     return trainer
 

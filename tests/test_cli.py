@@ -23,7 +23,13 @@ def cli(*args, env=None):
                           text=True, timeout=300, env=(os.environ | (env or {})))
 
 
-def test_train_json_save_and_generate(ckpt_dir):
+@pytest.fixture
+def small(small_text_file):
+    """--corpus with a built text: most CLI tests need some text, not the book's."""
+    return ("--corpus", str(small_text_file))
+
+
+def test_train_json_save_and_generate(ckpt_dir, book):
     r = cli("train", "--model", "gru", "--hidden", "32", "--epochs", "2", "--save", "cli-test", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -61,7 +67,9 @@ def test_train_json_save_and_generate(ckpt_dir):
     (("generate", "--temperature", "0"), "above 0"),
     (("generate", "--prefix", ""), "prefix is empty"),
 ])
-def test_bad_input_exits_2_with_one_line(args, message):
+def test_bad_input_exits_2_with_one_line(args, message, small):
+    if args[0] == "train" and "--corpus" not in args:
+        args = (*args, *small)
     r = cli(*args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -90,9 +98,9 @@ def test_enormous_length_is_capped(tmp_path):
     assert len(json.loads(r.stdout)["continuation"]) >= 10000
 
 
-def test_divergence_exits_1_and_keeps_the_last_good_model(ckpt_dir):
+def test_divergence_exits_1_and_keeps_the_last_good_model(ckpt_dir, small):
     r = cli("train", "--model", "rnn", "--hidden", "16", "--lr", "1e30", "--clip", "0", "--epochs", "20",
-            "--save", "diverged", "--json")
+            "--save", "diverged", "--json", *small)
     assert r.returncode == 1 and "diverged" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -136,25 +144,25 @@ def test_bench_bad_input(args, message):
 TINY = ("train", "--model", "rnn", "--hidden", "16", "--epochs", "1", "--quiet", "--json")
 
 
-def test_a_taken_name_is_refused_before_training_unless_overwrite(ckpt_dir):
-    first = cli(*TINY, "--save", "mine")
+def test_a_taken_name_is_refused_before_training_unless_overwrite(ckpt_dir, small):
+    first = cli(*TINY, *small, "--save", "mine")
     assert first.returncode == 0, first.stderr
     path = ckpt_dir / "mine.safetensors"
     before = path.read_bytes()
-    r = cli("train", "--model", "rnn", "--hidden", "16", "--epochs", "100000", "--save", "mine")
+    r = cli("train", "--model", "rnn", "--hidden", "16", "--epochs", "100000", *small, "--save", "mine")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert str(path) in lines[0] and "exists already" in lines[0] and "--overwrite" in lines[0]
     assert "epoch" not in r.stderr and "Traceback" not in r.stderr   # refused before training began
     assert path.read_bytes() == before
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["mine.safetensors"]
-    o = cli(*TINY, "--seed", "1", "--save", "mine", "--overwrite")
+    o = cli(*TINY, *small, "--seed", "1", "--save", "mine", "--overwrite")
     assert o.returncode == 0, o.stderr
     assert json.loads(o.stdout.strip().splitlines()[-1])["checkpoint"] == str(path)
     assert path.read_bytes() != before and "--overwrite" in read_metadata(path)["command"]
 
 
-def test_a_name_taken_while_training_saves_under_a_dated_name(ckpt_dir, monkeypatch, capsys):
+def test_a_name_taken_while_training_saves_under_a_dated_name(ckpt_dir, monkeypatch, capsys, small):
     """Someone saves `mine` after the early check: the run is kept as mine-YYYYmmdd-HHMMSS."""
     path = ckpt_dir / "mine.safetensors"
     real_check = cli_main.check_writable
@@ -162,7 +170,7 @@ def test_a_name_taken_while_training_saves_under_a_dated_name(ckpt_dir, monkeypa
         real_check(target, overwrite)
         path.write_bytes(b"someone else's model")
     monkeypatch.setattr(cli_main, "check_writable", check_then_taken)
-    cli_main.main([*TINY, "--save", "mine"])
+    cli_main.main([*TINY, *small, "--save", "mine"])
     out, err = capsys.readouterr()
     saved = Path(json.loads(out.strip().splitlines()[-1])["checkpoint"])
     assert saved.parent == ckpt_dir and re.fullmatch(r"mine-\d{8}-\d{6}\.safetensors", saved.name)
