@@ -63,7 +63,7 @@ def test_home_explains_and_links():
     assert "Hidden state" in text and "Perplexity" in text and "Next-character" in text
 
 
-def test_train_live_chart_stop_and_save(jobs):
+def test_train_live_chart_stop_and_save(jobs, book):
     at = app("train")
     assert at.number_input(key="train_epochs").value == 500          # the seed's defaults
     assert at.number_input(key="train_hidden_scratch").value == 512
@@ -191,7 +191,7 @@ def test_log_axes_label_their_ticks_in_full(jobs):
     assert 1 in ppl["layout"]["yaxis"]["tickvals"] and "28" in ppl["layout"]["yaxis"]["ticktext"]
 
 
-def test_train_divergence_is_one_readable_sentence(jobs):
+def test_train_divergence_is_one_readable_sentence(jobs, book):
     at = app("train")
     at.selectbox(key="train_model").set_value("rnn").run()
     at.number_input(key="train_hidden_rnn").set_value(16)
@@ -238,7 +238,7 @@ def test_generate_untrained_model_and_sampling(jobs):
     assert not at.exception
 
 
-def test_train_precision_setting(jobs):
+def test_train_precision_setting(jobs, book):
     """The default trains in the fast precision and says which; bf16 where it cannot run is one
     sentence and starts nothing."""
     from charrnn import bf16gemm

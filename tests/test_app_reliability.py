@@ -52,7 +52,7 @@ def test_generate_still_works_beside_broken_files(folder):
     assert "time traveller" in at.get("html")[0].proto.body
 
 
-def test_a_save_name_that_leaves_the_folder_is_refused(folder):
+def test_a_save_name_that_leaves_the_folder_is_refused(folder, book):
     from pages.common import registry
     at = page("train")
     at.selectbox(key="train_model").set_value("rnn").run()

@@ -40,7 +40,7 @@ def test_static_serving_off_falls_back(static, tmp_path):
         config.set_option("server.enableStaticServing", before)
 
 
-def test_unwritable_static_folder_falls_back_to_st_plotly_chart(static, tmp_path, jobs):
+def test_unwritable_static_folder_falls_back_to_st_plotly_chart(static, tmp_path, jobs, book):
     (tmp_path / "a-file").write_text("")
     static(tmp_path / "a-file" / "static")        # cannot be made
     assert not live_plot.plotly_served()
