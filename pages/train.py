@@ -123,6 +123,7 @@ def corpus_ui():
     except CorpusError as e:
         st.error(str(e))
         return None, f"The uploaded file cannot be used (the error under Settings says why): upload another .txt file{other}."
+    st.caption(f"{upload.name}: {len(text):,} characters.")
     return (upload.name, mode, text), None
 
 

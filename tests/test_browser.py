@@ -137,11 +137,11 @@ def test_inspect(page, server):
 
 
 def settled(page, filename):
-    """The uploader lists `filename` and the rerun its upload causes has finished (the chip shows
-    before the upload ends; a click during that rerun would be overtaken by it)."""
-    expect(page.get_by_test_id("stFileUploader").get_by_text(filename)).to_be_visible()
-    page.wait_for_timeout(1500)
-    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
+    """The rerun that reads the uploaded `filename` has finished: the page says how long the text
+    is (the uploader's chip shows before the upload ends; a click during that rerun would be
+    overtaken by it)."""
+    expect(page.get_by_text(f"{filename}: ", exact=False)).to_be_visible()
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)
 
 
 def test_train_on_uploads_bad_and_good(page, server, tmp_path):
