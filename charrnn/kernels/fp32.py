@@ -1,0 +1,291 @@
+"""The fp32 tanh RNN recurrence in C (charrnn/kernels/fp32_tanh.c), one build per instruction set.
+
+    variants()                       # ["avx512-fp32", "avx2-fp32", "generic-fp32"]: what this CPU runs, best first
+    kernel, why = load()             # the best variant's Kernel, or (None, reason): never raises
+    kernel, why = load("avx2-fp32")  # a given one (e.g. a lower one, to test it on a bigger CPU)
+    kernel.forward(A, H0, W, threads)          # A[t] = tanh(A[t] + H[t-1] @ W), in place; H[-1] = H0
+    kernel.backward(dH, H, W, threads)         # (dA, dH0): dA[t] = (dH[t] + dA[t+1] @ W^T) * (1 - H[t]^2)
+    Hs = tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant=None, threads=None)   # an autograd op
+
+`TanhRNNFp32` has the interface and the gradients of charrnn.models.TanhRNNLayer with bf16=False:
+X holds token ids (steps, batch) or features (steps, batch, in), W is (h, h) used as H @ W, either
+row-major (the scratch model's W_hh) or a transposed view (nn.RNN's W_hh.t()): the kernel reads it
+through its strides and packs it once per call. The step loops run in C on a team of `threads`
+threads (default: os.cpu_count()); the weight gradient sum_t H_{t-1}^T dA_t, W_in's and b's are
+each one large torch op after the loop, as in TanhRNNLayer.
+
+Each variant is the same C file compiled with its own -march (x86-64-v4 with 512-bit vectors,
+x86-64-v3, or the compiler's default), built on first use into build/ beside the package
+(CHARRNN_BUILD moves it) under a name hashed from the source, flags and compiler. Where a variant
+cannot be built (no compiler, not x86 for the x86 ones, CHARRNN_NATIVE=0) `load` says why.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("fp32_tanh.c")
+BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "build"
+
+# name: (compile flags, /proc/cpuinfo flags the CPU needs)
+VARIANTS = {
+    "avx512-fp32": (["-march=x86-64-v4", "-mtune=generic", "-mprefer-vector-width=512"],
+                    {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}),
+    "avx2-fp32": (["-march=x86-64-v3", "-mtune=generic"],
+                  {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}),
+    "generic-fp32": ([], set()),
+}
+# no -ffast-math: the C file has its own vector tanh, and NaN must pass through it
+COMPILE = ["-O3", "-fPIC", "-c"]
+LINK = ["-shared"]
+LIBS = ["-lm", "-lpthread"]
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _supported(name: str) -> tuple[bool, str]:
+    """Whether this CPU runs variant `name`, and if not why."""
+    if name not in VARIANTS:
+        return False, f"unknown variant {name!r} (known: {', '.join(VARIANTS)})"
+    flags_needed = VARIANTS[name][1]
+    if not flags_needed:
+        return True, ""
+    if not _X86:
+        return False, f"{name} needs an x86-64 CPU, this is {platform.machine()}"
+    flags = _cpu_flags()
+    if flags is not None:
+        missing = sorted(flags_needed - flags)
+        return (not missing), (f"this CPU lacks {', '.join(missing)}" if missing else "")
+    # no /proc/cpuinfo: ask torch (which also checks that the OS saves the registers)
+    capability = torch.backends.cpu.get_cpu_capability()
+    ok = capability in (("AVX512",) if name.startswith("avx512") else ("AVX2", "AVX512"))
+    return ok, "" if ok else f"torch reports CPU capability {capability}"
+
+
+def variants() -> list[str]:
+    """The variants this CPU can run, best first."""
+    return [name for name in VARIANTS if _supported(name)[0]]
+
+
+def _build_dirs() -> list[Path]:
+    dirs = [Path(os.environ.get("CHARRNN_BUILD") or BUILD_DIR)]
+    private = Path(tempfile.gettempdir()) / f"charrnn-build-{os.getuid()}"
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        info = private.lstat()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+            dirs.append(private)
+    except OSError:
+        pass
+    return dirs
+
+
+def _build(cc: list[str], flags: list[str], out_dir: Path) -> Path:
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha1("\0".join([SOURCE.read_text(), *flags, *COMPILE, *LINK, version,
+                                  platform.machine()]).encode()).hexdigest()[:16]
+    path = out_dir / f"fp32_tanh-{key}.so"
+    if not path.exists():
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fp32_tanh-") as tmp:
+            obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
+            subprocess.run([*cc, *flags, *COMPILE, str(SOURCE), "-o", str(obj)],
+                           check=True, capture_output=True, timeout=120)
+            subprocess.run([*cc, *LINK, str(obj), "-o", str(lib), *LIBS], check=True, capture_output=True, timeout=120)
+            lib.chmod(0o755)
+            os.replace(lib, path)                 # atomic: a concurrent build never sees half a file
+    return path
+
+
+class Kernel:
+    """One variant's C functions, with the checks that keep raw pointers safe."""
+
+    def __init__(self, name: str, lib: ctypes.CDLL):
+        self.name, self._lib = name, lib
+        i, p, l = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
+        lib.fp32_forward.argtypes = [i, i, i, p, p, p, l, l, i]
+        lib.fp32_backward.argtypes = [i, i, i, p, p, p, p, p, l, l, i]
+        lib.fp32_forward.restype = lib.fp32_backward.restype = i
+        lib.fp32_tanh.argtypes, lib.fp32_tanh.restype = [p, l], None
+        for f in ("fp32_vector_width", "fp32_panel_width", "fp32_tile_rows"):
+            getattr(lib, f).argtypes, getattr(lib, f).restype = [], i
+        self.vector_width = lib.fp32_vector_width()     # floats per vector register
+        self.panel_width = lib.fp32_panel_width()       # NR: columns per packed panel
+        self.tile_rows = lib.fp32_tile_rows()           # MR: rows per micro-tile
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.name}, {self.tile_rows}x{self.panel_width} tiles)"
+
+    def tanh_(self, x: torch.Tensor) -> torch.Tensor:
+        """x = tanh(x) in place with the kernel's own tanh (to measure its accuracy)."""
+        self._check("tanh_", {"x": (x, tuple(x.shape))}, 1, 1, 1)
+        self._lib.fp32_tanh(x.data_ptr(), x.numel())
+        return x
+
+    @staticmethod
+    def _threads(threads: int | None) -> int:
+        return max(1, int(threads if threads is not None else (os.cpu_count() or 1)))
+
+    @staticmethod
+    def _check(what: str, tensors: dict, steps: int, batch: int, h: int) -> None:
+        if steps * batch * h >= 2**62 or batch * h >= 2**31 or h >= 2**31:
+            raise ValueError(f"fp32 kernel: sizes too large ({steps}, {batch}, {h}).")
+        for name, (x, shape) in tensors.items():
+            if (x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
+                    or tuple(x.shape) != shape):
+                raise ValueError(f"fp32 kernel {what}: {name} must be a contiguous float32 CPU tensor "
+                                 f"of shape {shape}, not {x.dtype} {tuple(x.shape)} on {x.device.type}.")
+
+    @staticmethod
+    def _weight(W: torch.Tensor, h: int) -> tuple[int, int]:
+        """W's element strides: any (h, h) float32 CPU tensor is read in place."""
+        if W.dtype != torch.float32 or W.device.type != "cpu" or tuple(W.shape) != (h, h):
+            raise ValueError(f"fp32 kernel: W must be a float32 CPU tensor of shape ({h}, {h}), "
+                             f"not {W.dtype} {tuple(W.shape)} on {W.device.type}.")
+        return W.stride(0), W.stride(1)
+
+    def forward(self, A: torch.Tensor, H0: torch.Tensor, W: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """A (steps, batch, h) holds x_t W_in + b; on return H_t = tanh(A_t + H_{t-1} W), H_{-1} = H0."""
+        steps, batch, h = A.shape
+        self._check("forward", {"A": (A, (steps, batch, h)), "H0": (H0, (batch, h))}, steps, batch, h)
+        sk, sj = self._weight(W, h)
+        if self._lib.fp32_forward(steps, batch, h, A.data_ptr(), H0.data_ptr(), W.data_ptr(), sk, sj,
+                                  self._threads(threads)) != 0:
+            raise MemoryError("fp32 kernel: out of memory for the packed weights.")
+        return A
+
+    def backward(self, dH: torch.Tensor, H: torch.Tensor, W: torch.Tensor, threads: int | None = None,
+                 dH0: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(dA, dH0) for the forward's H: dA_t = (dH_t + dA_{t+1} W^T) * (1 - H_t^2), dH0 = dA_0 W^T
+        (None unless asked)."""
+        steps, batch, h = H.shape
+        self._check("backward", {"dH": (dH, (steps, batch, h)), "H": (H, (steps, batch, h))}, steps, batch, h)
+        sk, sj = self._weight(W, h)
+        dA = torch.empty_like(H)
+        g0 = H.new_empty(batch, h) if dH0 else None
+        if self._lib.fp32_backward(steps, batch, h, dH.data_ptr(), H.data_ptr(), dA.data_ptr(),
+                                   None if g0 is None else g0.data_ptr(), W.data_ptr(), sk, sj,
+                                   self._threads(threads)) != 0:
+            raise MemoryError("fp32 kernel: out of memory for the packed weights.")
+        return dA, g0
+
+
+@functools.cache
+def _load(name: str) -> tuple[Kernel | None, str]:
+    ok, why = _supported(name)
+    if not ok:
+        return None, why
+    if os.environ.get("CHARRNN_NATIVE") == "0":
+        return None, "CHARRNN_NATIVE=0"
+    cc = shlex.split(os.environ.get("CC") or "cc")         # CC may be "ccache gcc"
+    if not cc or shutil.which(cc[0]) is None:
+        return None, f"no C compiler ({' '.join(cc) or 'CC is empty'})"
+    errors = []
+    for out_dir in _build_dirs():
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lib = ctypes.CDLL(str(_build(cc, VARIANTS[name][0], out_dir)), mode=os.RTLD_NOW)
+            return Kernel(name, lib), ""
+        except subprocess.CalledProcessError as e:
+            errors.append(f"{out_dir}: the build failed: {(e.stderr or b'').decode(errors='replace').strip()[-300:]}")
+        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+            errors.append(f"{out_dir}: {e}")
+    return None, "; ".join(errors) or "no build folder"
+
+
+def load(variant: str | None = None) -> tuple[Kernel | None, str]:
+    """(Kernel, "") for `variant` (default: the best this CPU runs), or (None, why not)."""
+    if variant is None:
+        reasons = []
+        for name in variants():
+            kernel, why = _load(name)
+            if kernel is not None:
+                return kernel, ""
+            reasons.append(f"{name}: {why}")
+        return None, "; ".join(reasons) or "no variant runs here"
+    return _load(variant)
+
+
+def kernel(variant: str | None = None) -> Kernel:
+    """The Kernel for `variant`, or RuntimeError saying why it is unavailable."""
+    k, why = load(variant)
+    if k is None:
+        raise RuntimeError(f"fp32 kernel {variant or '(best)'} unavailable: {why}")
+    return k
+
+
+class TanhRNNFp32(torch.autograd.Function):
+    """charrnn.models.TanhRNNLayer (bf16=False) with its step loops in C:
+
+        A_t = x_t W_in + b + H_{t-1} W,   H_t = tanh(A_t)     for t = 0 .. steps-1
+
+    apply(X, W_in, b, H0, W, variant=None, threads=None) -> Hs (steps, batch, h).
+    X: (steps, batch) int64 ids or (steps, batch, in) floats; W_in: (vocab or in, h); b: (h,);
+    H0: (batch, h); W: (h, h), row-major or a transposed view. Gradients for X (floats), W_in,
+    b, H0 and W."""
+
+    @staticmethod
+    def forward(ctx, X, W_in, b, H0, W, variant=None, threads=None):
+        k = kernel(variant)
+        steps, batch = X.shape[:2]
+        h = W.shape[0]
+        if X.dtype == torch.long:                                # rows of W_in + b: (steps*batch, h), fresh
+            A = (W_in + b).index_select(0, X.reshape(-1))
+        else:
+            A = torch.addmm(b, X.reshape(steps * batch, -1), W_in)  # (steps*batch, h)
+        Hs = A.view(steps, batch, h)                             # becomes H in place
+        H0c = H0.contiguous()
+        k.forward(Hs, H0c, W, threads)
+        ctx.save_for_backward(X, W_in, W, Hs, H0c)
+        ctx.kernel, ctx.threads = k, threads
+        return Hs
+
+    @staticmethod
+    def backward(ctx, dHs):
+        X, W_in, W, Hs, H0 = ctx.saved_tensors
+        steps, batch, h = Hs.shape
+        needs = ctx.needs_input_grad
+        dX = dW_in = db = dW = None
+        dA, dH0 = ctx.kernel.backward(dHs.contiguous(), Hs, W, ctx.threads, dH0=needs[3])
+        if needs[4]:                                   # sum_t H_{t-1}^T dA_t as one large matmul
+            Hp, dAn = Hs[:-1].reshape(-1, h), dA[1:].reshape(-1, h)
+            if W.stride(0) == 1 and h > 1:             # a transposed view (nn.RNN's W_hh.t()): give its
+                dW = torch.addmm(dA[0].t() @ H0, dAn.t(), Hp).t()  # gradient the same layout
+            else:
+                dW = torch.addmm(H0.t() @ dA[0], Hp.t(), dAn)
+        dA2 = dA.view(steps * batch, h)
+        if X.dtype == torch.long:
+            if needs[1]:   # rows of dA summed per token id
+                dW_in = torch.ops.aten.embedding_dense_backward(dA2, X.reshape(-1), W_in.shape[0], -1, False)
+        else:
+            X2 = X.reshape(steps * batch, -1)
+            dX = (dA2 @ W_in.t()).view(X.shape) if needs[0] else None
+            dW_in = X2.t() @ dA2 if needs[1] else None
+        if needs[2]:
+            db = dA2.sum(0)
+        return dX, dW_in, db, dH0, dW, None, None
+
+
+def tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant: str | None = None, threads: int | None = None):
+    """All hidden states (steps, batch, h) of a tanh RNN layer; see TanhRNNFp32."""
+    return TanhRNNFp32.apply(X, W_in, b, H0, W, variant, threads)

@@ -1,0 +1,231 @@
+"""The fp32 C kernels of the tanh recurrence (charrnn/kernels/fp32.py) against TanhRNNLayer's
+fp32 path (MKL step by step): every variant this CPU runs, both layouts of W, tails, 1-3 threads."""
+import threading
+
+import pytest
+import torch
+
+from charrnn.kernels import fp32
+from charrnn.models import TanhRNNLayer
+
+
+def _kernel_or_skip(variant):
+    ok, why = fp32._supported(variant)
+    if not ok:
+        pytest.skip(f"{variant}: {why}")
+    k, why = fp32.load(variant)
+    if k is None:
+        pytest.skip(f"{variant} could not be built here: {why}")
+    return k
+
+
+@pytest.fixture(params=list(fp32.VARIANTS))
+def variant(request):
+    _kernel_or_skip(request.param)
+    return request.param
+
+
+def _close(got, want, what):
+    # fp32 sums over up to steps*batch terms in another order: relative 1e-4, and absolute 1e-5
+    # of the tensor's largest entry (at least 1e-5)
+    atol = 1e-5 * max(1.0, want.abs().max().item())
+    assert got.shape == want.shape, what
+    assert torch.allclose(got, want, rtol=1e-4, atol=atol), \
+        f"{what}: max abs error {(got - want).abs().max().item():.3g} (atol {atol:.3g})"
+
+
+def _params(steps, batch, h, n_in, ids, transposed, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if ids:
+        X = torch.randint(0, n_in, (steps, batch), generator=g)
+    else:
+        X = torch.randn(steps, batch, n_in, generator=g).requires_grad_()
+    W_in = (torch.randn(n_in, h, generator=g) * 0.5).requires_grad_()
+    b = (torch.randn(h, generator=g) * 0.1).requires_grad_()
+    H0 = (torch.randn(batch, h, generator=g) * 0.5).requires_grad_()
+    W = torch.randn(h, h, generator=g) * (1.3 / h ** 0.5)
+    if transposed:                        # nn.RNN's W_hh.t(): a transposed view of a leaf
+        W_hh = W.t().contiguous().requires_grad_()
+        W_used = W_hh.t()
+    else:
+        W_hh = W.requires_grad_()
+        W_used = W_hh
+    dHs = torch.randn(steps, batch, h, generator=g)
+    return X, W_in, b, H0, W_hh, W_used, dHs
+
+
+def _run(fn, X, W_in, b, H0, W_hh, W_used, dHs):
+    leaves = [t for t in (X, W_in, b, H0, W_hh) if t.requires_grad]
+    for t in leaves:
+        t.grad = None
+    Hs = fn(X, W_in, b, H0, W_used)
+    (Hs * dHs).sum().backward()
+    return Hs.detach().clone(), {name: t.grad.clone() for name, t in
+                                 zip(("X", "W_in", "b", "H0", "W"), (X, W_in, b, H0, W_hh)) if t.requires_grad}
+
+
+SHAPES = [  # steps, batch, h, vocab or inputs
+    (5, 3, 37, 11),
+    (35, 32, 512, 28),
+    (35, 32, 256, 28),
+    (1, 1, 1, 2),
+    (4, 9, 70, 13),
+    (3, 17, 100, 5),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("transposed", [False, True], ids=["W", "W^T view"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("ids", [True, False], ids=["ids", "floats"])
+def test_matches_tanh_rnn_layer(variant, shape, transposed, threads, ids):
+    steps, batch, h, n_in = shape
+    if not ids and h >= 256 and threads == 3:
+        pytest.skip("covered by the other large cases")
+    args = _params(steps, batch, h, n_in, ids, transposed, seed=steps * 1000 + h)
+    H_ref, g_ref = _run(lambda *a: TanhRNNLayer.apply(*a, False), *args)
+    H_got, g_got = _run(lambda *a: fp32.TanhRNNFp32.apply(*a, variant, threads), *args)
+    _close(H_got, H_ref, "Hs")
+    _close(H_got[-1], H_ref[-1], "final state")
+    assert g_got.keys() == g_ref.keys()
+    for name in g_ref:
+        _close(g_got[name], g_ref[name], f"grad of {name}")
+    if transposed and h > 1:                 # the gradient keeps the transposed view's layout
+        W_hh = args[4]
+        assert W_hh.grad.stride() == W_hh.stride()
+
+
+def test_book_loop(variant):
+    """Against the seed's own loop, with autograd through every step."""
+    steps, batch, h, V = 7, 5, 40, 12
+    X, W_in, b, H0, W, _, dHs = _params(steps, batch, h, V, True, False, seed=3)
+    Hs = fp32.tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant, 2)
+    (Hs * dHs).sum().backward()
+    got = [Hs.detach()] + [t.grad.clone() for t in (W_in, b, H0, W)]
+    for t in (W_in, b, H0, W):
+        t.grad = None
+    H, outs = H0, []
+    for x_t in torch.nn.functional.one_hot(X, V).float():
+        H = torch.tanh(x_t @ W_in + H @ W + b)
+        outs.append(H)
+    ref = torch.stack(outs)
+    (ref * dHs).sum().backward()
+    for g, r, name in zip(got, [ref.detach()] + [t.grad for t in (W_in, b, H0, W)], ["Hs", "W_in", "b", "H0", "W"]):
+        _close(g, r, name)
+
+
+def test_tanh_accuracy(variant):
+    k = _kernel_or_skip(variant)
+    x = torch.cat([torch.linspace(-12, 12, 400_001), torch.logspace(-30, 1.2, 20_001),
+                   -torch.logspace(-30, 1.2, 20_001), torch.tensor([0.625, -0.625, 9.5, 30.0, 1e-40])])
+    y = k.tanh_(x.clone())
+    ref = torch.tanh(x.double())
+    rel = ((y.double() - ref).abs() / ref.abs().clamp_min(1e-38))
+    assert rel.max().item() < 2e-7, rel.max().item()
+    special = k.tanh_(torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 2.0, 3.0, 4.0]))
+    assert special[0].isnan() and special[1].item() == 1.0 and special[2].item() == -1.0
+    assert special[3].item() == 0.0 and special[4].item() == 0.0 and special[4].signbit()
+
+
+def test_nan_propagates(variant):
+    """A diverged run shows NaN, as the MKL path does: the kernel's tanh does not clamp it away."""
+    X, W_in, b, H0, W, _, _ = _params(4, 3, 20, 6, True, False)
+    with torch.no_grad():
+        W_in[X[1, 0]] = float("nan")
+        Hs = fp32.tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant, 1)
+    assert not Hs[0].isnan().any() and Hs[1:, 0].isnan().all()   # row 0 from step 1 on
+    assert not Hs[:, 1:].isnan().any()                              # the other rows stay finite
+
+
+def test_backward_kernel_direct(variant):
+    """Kernel.backward alone: dA and dH0 against the Python loop of TanhRNNLayer.backward."""
+    k = _kernel_or_skip(variant)
+    steps, batch, h = 6, 7, 45
+    g = torch.Generator().manual_seed(1)
+    Hs = torch.tanh(torch.randn(steps, batch, h, generator=g))
+    dH = torch.randn(steps, batch, h, generator=g)
+    W = torch.randn(h, h, generator=g) / h ** 0.5
+    dA_ref = dH.clone()
+    for t in range(steps - 1, -1, -1):
+        dA_ref[t] *= 1 - Hs[t] * Hs[t]
+        if t > 0:
+            dA_ref[t - 1] += dA_ref[t] @ W.t()
+    for threads in (1, 2):
+        dA, dH0 = k.backward(dH, Hs, W, threads)
+        _close(dA, dA_ref, "dA")
+        _close(dH0, dA_ref[0] @ W.t(), "dH0")
+        dA2, none = k.backward(dH, Hs, W, threads, dH0=False)
+        assert none is None and torch.equal(dA2, dA)
+
+
+def test_concurrent_calls_share_the_team(variant):
+    """Two Python threads calling at once: one gets the team, the other runs alone; both right."""
+    k = _kernel_or_skip(variant)
+    steps, batch, h = 20, 16, 96
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(h, h, generator=g) / h ** 0.5
+    H0 = torch.randn(batch, h, generator=g)
+    A = torch.randn(steps, batch, h, generator=g)
+    want = k.forward(A.clone(), H0, W, 1)
+    errors = []
+
+    def work():
+        for _ in range(20):
+            got = k.forward(A.clone(), H0, W, 2)
+            if not torch.equal(got, want):
+                errors.append((got - want).abs().max().item())
+
+    workers = [threading.Thread(target=work) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert not any(w.is_alive() for w in workers), "a call hung"
+    assert not errors, errors
+
+
+def test_thread_counts_do_not_change_results(variant):
+    """Each output element is the same dot product in the same order on any number of threads."""
+    k = _kernel_or_skip(variant)
+    g = torch.Generator().manual_seed(4)
+    steps, batch, h = 5, 13, 200
+    W = torch.randn(h, h, generator=g) / h ** 0.5
+    H0 = torch.randn(batch, h, generator=g)
+    A = torch.randn(steps, batch, h, generator=g)
+    one = k.forward(A.clone(), H0, W, 1)
+    for threads in (2, 3, 8, 64):
+        assert torch.equal(k.forward(A.clone(), H0, W, threads), one)
+
+
+def test_bad_arguments(variant):
+    k = _kernel_or_skip(variant)
+    A, H0, W = torch.zeros(2, 3, 4), torch.zeros(3, 4), torch.zeros(4, 4)
+    with pytest.raises(ValueError):
+        k.forward(A.double(), H0, W)
+    with pytest.raises(ValueError):
+        k.forward(A, torch.zeros(3, 5), W)
+    with pytest.raises(ValueError):
+        k.forward(A, H0, torch.zeros(4, 5))
+    with pytest.raises(ValueError):
+        k.forward(A.transpose(0, 1), H0, W)
+
+
+def test_variants_and_reasons():
+    names = fp32.variants()
+    assert "generic-fp32" in names or not fp32._supported("generic-fp32")[0]
+    assert names == [n for n in fp32.VARIANTS if n in names]          # best first
+    kernel, why = fp32.load("no-such-variant")
+    assert kernel is None and "unknown variant" in why
+    best, why = fp32.load()
+    assert (best is None) == bool(why)
+    if best is not None:
+        assert best.name == names[0] or not fp32.load(names[0])[0]
+
+
+def test_unsupported_variant_is_refused(monkeypatch):
+    """A CPU without AVX-512 (as /proc/cpuinfo says) is not offered the avx512 build."""
+    monkeypatch.setattr(fp32, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})
+    monkeypatch.setattr(fp32, "_X86", True)
+    ok, why = fp32._supported("avx512-fp32")
+    assert not ok and "avx512f" in why
+    assert "avx512-fp32" not in fp32.variants()
