@@ -170,6 +170,12 @@ def log_ticks(y_range: list[float], marks: list[float], px: float) -> tuple[list
     return values, [tick_label(v) for v in values]
 
 
+def epoch_ticks(traces: list[dict]) -> dict:
+    """Whole epochs on the x axis: on a short run Plotly would tick every half epoch."""
+    last = max((x for t in traces for x in t.get("x") or () if x is not None), default=0)
+    return dict(dtick=1) if last <= 10 else {}
+
+
 def log_figure(traces: list[dict], lines: list[tuple[dict, dict]], name: str, height: int, legend_y: float,
                y_title: str, y_range: list[float], marks: list[float]) -> dict:
     """A Plotly figure per epoch with a log y axis, its dashed lines (hline) and their labels. The
@@ -177,7 +183,7 @@ def log_figure(traces: list[dict], lines: list[tuple[dict, dict]], name: str, he
     tickvals, ticktext = log_ticks(y_range, marks, px=height - 110)   # less the margins, x axis and legend
     layout = dict(height=height, margin=dict(l=60, r=10, t=30, b=10), uirevision=name,
                   legend=dict(orientation="h", y=legend_y), shapes=[l for l, _ in lines], annotations=[a for _, a in lines],
-                  xaxis=dict(title=dict(text="epoch")),
+                  xaxis=dict(title=dict(text="epoch"), **epoch_ticks(traces)),
                   yaxis=dict(title=dict(text=y_title), type="log", range=y_range,
                              tickmode="array", tickvals=tickvals, ticktext=ticktext))
     return dict(data=traces, layout=layout)
