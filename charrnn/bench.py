@@ -111,13 +111,19 @@ class BenchError(RuntimeError):
 def peak_memory_method() -> str | None:
     """How a child's peak resident memory is measured on this OS:
 
-    "wait4"   Linux, macOS, the BSDs: the kernel's record for that child alone, exact;
-    "psutil"  elsewhere (Windows) when psutil is installed: the child's memory, polled while it runs
-              (on Windows its peak working set, which the OS keeps, so little is missed);
-    None      neither: not measured ("-" in the table).
+    "proc"    Linux: VmHWM in /proc/PID/status, the high-water mark of the program the child runs
+              (it starts afresh at exec), read while the child runs; the last reading is its peak
+              unless memory grew in its final ~50 ms;
+    "wait4"   macOS, the BSDs: the kernel's ru_maxrss for that child, which also counts what the
+              forked copy of this process held before exec (small next to a training run);
+    "psutil"  elsewhere (Windows) when psutil is installed: its peak working set, kept by the OS;
+    None      none of these: not measured ("-" in the table).
 
-    Not getrusage(RUSAGE_CHILDREN): its ru_maxrss is the largest child so far, so every run after
-    a big one would report the big one's peak."""
+    Not wait4 on Linux: its ru_maxrss keeps the forked parent's resident size, so a child started
+    from a process that has loaded torch reports at least that. Not getrusage(RUSAGE_CHILDREN):
+    it is the largest child so far."""
+    if sys.platform.startswith("linux") and Path("/proc/self/status").is_file():
+        return "proc"
     if hasattr(os, "wait4"):
         return "wait4"
     try:
@@ -133,6 +139,27 @@ def maxrss_mb(maxrss: int, platform: str | None = None) -> int:
     return round(maxrss * unit / 2**20)
 
 
+def _vm_hwm_bytes(pid: int) -> int | None:
+    """The high-water resident size of process `pid` (Linux), None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024          # "VmHWM:   123456 kB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _psutil_peak_bytes(pid: int) -> int | None:
+    import psutil
+    try:
+        info = psutil.Process(pid).memory_info()
+    except psutil.Error:
+        return None                                             # gone, or not ours to read
+    return getattr(info, "peak_wset", 0) or info.rss
+
+
 def _wait(proc: subprocess.Popen) -> int | None:
     """Waits for `proc` (its returncode is set after) and returns its peak memory in MiB, or None."""
     method = peak_memory_method()
@@ -140,28 +167,17 @@ def _wait(proc: subprocess.Popen) -> int | None:
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         return maxrss_mb(usage.ru_maxrss)
-    if method == "psutil":
-        import psutil
-        peak = 0
+    read = {"proc": _vm_hwm_bytes, "psutil": _psutil_peak_bytes}.get(method)
+    peak = 0
+    while True:
+        if read is not None:
+            peak = max(peak, read(proc.pid) or 0)
         try:
-            child = psutil.Process(proc.pid)
-        except psutil.Error:
-            child = None                                   # already gone
-        while True:
-            if child is not None:
-                try:
-                    info = child.memory_info()
-                    peak = max(peak, getattr(info, "peak_wset", 0) or info.rss)
-                except psutil.Error:
-                    pass                                   # exited between the poll and the read
-            try:
-                proc.wait(timeout=0.1)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return round(peak / 2**20) if peak else None
-    proc.wait()
-    return None
+            proc.wait(timeout=0.05)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    return round(peak / 2**20) if peak else None
 
 
 def _fail(cmd: list[str], how: str, stdout: str, stderr: str) -> BenchError:
