@@ -1,5 +1,7 @@
 """The fp32 C kernels of the tanh recurrence (charrnn/kernels/fp32.py) against TanhRNNLayer's
 fp32 path (MKL step by step): every variant this CPU runs, both layouts of W, tails, 1-3 threads."""
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -17,6 +19,15 @@ def _kernel_or_skip(variant):
     if k is None:
         pytest.skip(f"{variant} could not be built here: {why}")
     return k
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The MKL reference on one thread: on a busy machine its OpenMP team is what would be slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=list(fp32.VARIANTS))
@@ -229,3 +240,30 @@ def test_unsupported_variant_is_refused(monkeypatch):
     ok, why = fp32._supported("avx512-fp32")
     assert not ok and "avx512f" in why
     assert "avx512-fp32" not in fp32.variants()
+
+
+def test_exact_under_competition(variant):
+    """Busy processes take the cores while 2 and 3 threads run: a thread that loses its core mid
+    step is waited for or helped (its panel run twice), and the results stay bit for bit those
+    of one thread (each element is the same dot product, in the same order, on any thread)."""
+    k = _kernel_or_skip(variant)
+    g = torch.Generator().manual_seed(5)
+    steps, batch, h = 12, 32, 256
+    W = torch.randn(h, h, generator=g) / h ** 0.5
+    H0 = torch.randn(batch, h, generator=g)
+    A = torch.randn(steps, batch, h, generator=g)
+    dH = torch.randn(steps, batch, h, generator=g)
+    H1 = k.forward(A, H0, W, 1, out=torch.empty_like(A))
+    dA1, dH01 = k.backward(dH, H1, W, 1)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for rep in range(60):
+            T = 2 + rep % 2
+            assert torch.equal(k.forward(A, H0, W, T, out=torch.empty_like(A)), H1)
+            assert torch.equal(k.forward(A.clone(), H0, W, T), H1)                 # in place
+            dA, dH0 = k.backward(dH, H1, W.t().contiguous().t(), T)                # W^T's layout
+            assert torch.equal(dA, dA1) and torch.equal(dH0, dH01)
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()

@@ -3,7 +3,7 @@
     variants()                       # ["avx512-fp32", "avx2-fp32", "generic-fp32"]: what this CPU runs, best first
     kernel, why = load()             # the best variant's Kernel, or (None, reason): never raises
     kernel, why = load("avx2-fp32")  # a given one (e.g. a lower one, to test it on a bigger CPU)
-    kernel.forward(A, H0, W, threads)          # A[t] = tanh(A[t] + H[t-1] @ W), in place; H[-1] = H0
+    kernel.forward(A, H0, W, threads, out)     # out[t] = tanh(A[t] + out[t-1] @ W), out[-1] = H0 (out=None: A)
     kernel.backward(dH, H, W, threads)         # (dA, dH0): dA[t] = (dH[t] + dA[t+1] @ W^T) * (1 - H[t]^2)
     Hs = tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant=None, threads=None)   # an autograd op
 
@@ -117,16 +117,22 @@ def _build(cc: list[str], flags: list[str], out_dir: Path) -> Path:
     return path
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 class Kernel:
     """One variant's C functions, with the checks that keep raw pointers safe."""
 
     def __init__(self, name: str, lib: ctypes.CDLL):
         self.name, self._lib = name, lib
         i, p, l = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
-        lib.fp32_forward.argtypes = [i, i, i, p, p, p, l, l, i]
+        lib.fp32_forward.argtypes = [i, i, i, p, p, p, p, l, l, i]
         lib.fp32_backward.argtypes = [i, i, i, p, p, p, p, p, l, l, i]
         lib.fp32_forward.restype = lib.fp32_backward.restype = i
         lib.fp32_tanh.argtypes, lib.fp32_tanh.restype = [p, l], None
+        lib.fp32_helped.argtypes, lib.fp32_helped.restype = [], l
         for f in ("fp32_vector_width", "fp32_panel_width", "fp32_tile_rows"):
             getattr(lib, f).argtypes, getattr(lib, f).restype = [], i
         self.vector_width = lib.fp32_vector_width()     # floats per vector register
@@ -141,6 +147,11 @@ class Kernel:
         self._check("tanh_", {"x": (x, tuple(x.shape))}, 1, 1, 1)
         self._lib.fp32_tanh(x.data_ptr(), x.numel())
         return x
+
+    def helped(self) -> int:
+        """How many units (a step's panel) a thread has finished for another that had claimed
+        them but was slow (had lost its core), in this process so far."""
+        return self._lib.fp32_helped()
 
     @staticmethod
     def _threads(threads: int | None) -> int:
@@ -164,15 +175,22 @@ class Kernel:
                              f"not {W.dtype} {tuple(W.shape)} on {W.device.type}.")
         return W.stride(0), W.stride(1)
 
-    def forward(self, A: torch.Tensor, H0: torch.Tensor, W: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        """A (steps, batch, h) holds x_t W_in + b; on return H_t = tanh(A_t + H_{t-1} W), H_{-1} = H0."""
+    def forward(self, A: torch.Tensor, H0: torch.Tensor, W: torch.Tensor, threads: int | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """H_t = tanh(A_t + H_{t-1} W), H_{-1} = H0, for A (steps, batch, h) holding x_t W_in + b:
+        into `out` (steps, batch, h), or into A itself when out is None. Out of place, a step whose
+        thread lost its core is finished by the others; in place it is waited for."""
         steps, batch, h = A.shape
-        self._check("forward", {"A": (A, (steps, batch, h)), "H0": (H0, (batch, h))}, steps, batch, h)
+        out = A if out is None else out
+        self._check("forward", {"A": (A, (steps, batch, h)), "H0": (H0, (batch, h)),
+                                "out": (out, (steps, batch, h))}, steps, batch, h)
+        if out.data_ptr() != A.data_ptr() and A.numel() and _overlap(A, out):
+            raise ValueError("fp32 kernel forward: out must be A itself or not overlap it.")
         sk, sj = self._weight(W, h)
-        if self._lib.fp32_forward(steps, batch, h, A.data_ptr(), H0.data_ptr(), W.data_ptr(), sk, sj,
-                                  self._threads(threads)) != 0:
+        if self._lib.fp32_forward(steps, batch, h, A.data_ptr(), out.data_ptr(), H0.data_ptr(), W.data_ptr(),
+                                  sk, sj, self._threads(threads)) != 0:
             raise MemoryError("fp32 kernel: out of memory for the packed weights.")
-        return A
+        return out
 
     def backward(self, dH: torch.Tensor, H: torch.Tensor, W: torch.Tensor, threads: int | None = None,
                  dH0: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -253,9 +271,9 @@ class TanhRNNFp32(torch.autograd.Function):
             A = (W_in + b).index_select(0, X.reshape(-1))
         else:
             A = torch.addmm(b, X.reshape(steps * batch, -1), W_in)  # (steps*batch, h)
-        Hs = A.view(steps, batch, h)                             # becomes H in place
         H0c = H0.contiguous()
-        k.forward(Hs, H0c, W, threads)
+        # out of place, so a step's unit may run on two threads (see fp32_tanh.c, wait_phase)
+        Hs = k.forward(A.view(steps, batch, h), H0c, W, threads, out=torch.empty(steps, batch, h))
         ctx.save_for_backward(X, W_in, W, Hs, H0c)
         ctx.kernel, ctx.threads = k, threads
         return Hs

@@ -13,12 +13,14 @@
    comes from the target (AVX-512: 16 floats, AVX2: 8, anything else: 4, GCC vector extensions),
    so one source gives every variant. The tanh is the file's own (vtanh), on whole vectors.
 
-   Threads: each step's output panels are split across a persistent team (created on first use,
-   grown on demand, reused by later calls); the caller is thread 0. Steps are separated by a
-   barrier that spins for a short while (CHARRNN_SPIN_US, default 50 us) and then sleeps on a
-   futex, so a team whose core was taken by another process waits in the kernel instead of
-   burning the other core. With one thread there is no barrier at all. One call at a time uses
-   the team; a concurrent caller runs alone (one thread) rather than wait. */
+   Threads: a team created on first use, grown on demand and reused by later calls; the caller
+   is thread 0. Each step's output panels are split across the team: every thread first takes
+   its own share (the same panels every step, so they stay in its cache), then helps with what
+   is left of the others', so a thread whose core another process took holds a step up by one
+   panel's work at most. A step starts when the one before is done: waits spin for a short while
+   (CHARRNN_SPIN_US, default 50 us) and then sleep on a futex, so they do not burn a core that
+   someone else needs. One thread: no atomics, no waits. One call at a time uses the team; a
+   concurrent caller runs alone (one thread) rather than wait. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
@@ -133,7 +135,7 @@ static void tanh_any(float *o, long n) {
 
 /* One m x NR output tile: acc = a (m rows, k columns, row stride lda) @ panel (k x NR, packed),
    then, at out (row stride ld, nr valid columns):
-     FWD: out = tanh(out + acc)
+     FWD: out = tanh(x1 + acc)                   (x1 may be out)
      BWD: out = (x1 + acc) * (1 - x2 * x2)        (x1, x2 with stride ld, like out)
      STO: out = acc */
 static inline __attribute__((always_inline)) void
@@ -164,7 +166,7 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
             #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) {
                 vf x = acc[r][v];
-                if (kind == FWD) x = vtanh(x + loadu(o + v * VL));
+                if (kind == FWD) x = vtanh(x + loadu(x1 + r * ld + v * VL));
                 if (kind == BWD) {
                     vf y = loadu(x2 + r * ld + v * VL);
                     x = (x + loadu(x1 + r * ld + v * VL)) * (1.0f - y * y);
@@ -176,7 +178,7 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
             #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) *(vf *)(t + v * VL) = acc[r][v];
             for (int j = 0; j < nr; j++) {
-                if (kind == FWD) o[j] += t[j];
+                if (kind == FWD) o[j] = x1[r * ld + j] + t[j];
                 if (kind == BWD) { float y = x2[r * ld + j]; o[j] = (x1[r * ld + j] + t[j]) * (1.0f - y * y); }
                 if (kind == STO) o[j] = t[j];
             }
@@ -235,14 +237,22 @@ static double now_us(void) {
     return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
 }
 
-static double spin_us = -1.0;
+static double spin_us = 50.0;
 
-/* Waits until *word != old: spins for spin_us, then sleeps on the futex. */
-static void wait_change(atomic_uint *word, unsigned old, atomic_int *sleepers) {
-    if (atomic_load_explicit(word, memory_order_acquire) != old) return;
+/* Waits until *word >= target (as_ge) or *word != target (!as_ge): spins for spin_us, then
+   sleeps on the futex. The thread that makes the condition true calls wake() after changing
+   *word; a sleeper has either counted itself in *sleepers before wake() reads it, or sees the
+   new value in the kernel's check (all seq_cst). */
+static inline int met(atomic_uint *word, unsigned target, int as_ge) {
+    unsigned v = atomic_load_explicit(word, memory_order_acquire);
+    return as_ge ? v >= target : v != target;
+}
+
+static void wait_for(atomic_uint *word, unsigned target, int as_ge, atomic_int *sleepers) {
+    if (met(word, target, as_ge)) return;
     double until = -1.0;
     for (unsigned i = 1;; i++) {
-        if (atomic_load_explicit(word, memory_order_acquire) != old) return;
+        if (met(word, target, as_ge)) return;
         cpu_relax();
         if ((i & 63) == 0) {
             double t = now_us();
@@ -250,48 +260,44 @@ static void wait_change(atomic_uint *word, unsigned old, atomic_int *sleepers) {
             else if (t >= until) break;
         }
     }
-    while (atomic_load(word) == old) {
-        atomic_fetch_add(sleepers, 1);            /* seq_cst: see wake() */
-        futex(word, FUTEX_WAIT, old);
+    for (;;) {
+        atomic_fetch_add(sleepers, 1);
+        unsigned v = atomic_load(word);
+        if (as_ge ? v >= target : v != target) { atomic_fetch_sub(sleepers, 1); return; }
+        futex(word, FUTEX_WAIT, v);
         atomic_fetch_sub(sleepers, 1);
     }
 }
 
-/* Changes *word and wakes its sleepers: a sleeper either sees the new value in the kernel's
-   check or has counted itself before this load (both seq_cst). */
-static void bump(atomic_uint *word, atomic_int *sleepers) {
-    atomic_fetch_add(word, 1);
+static inline void wake(atomic_uint *word, atomic_int *sleepers) {
     if (atomic_load(sleepers) > 0) futex(word, FUTEX_WAKE, INT_MAX);
 }
 
+/* A call's work is a list of phases: packing the panels, then the steps (and dH0, backward),
+   each phase np units (one panel's columns, every row). A phase starts once the one before is
+   done. Thread i first takes the units of its own share of the panels (the same ones every
+   step, so its panels of W stay in its cache), then takes what is left of the others' shares:
+   a thread whose core was taken by another process holds up a step by at most the unit it is
+   in, not by its whole share. */
 typedef struct {
-    _Alignas(64) atomic_int count;
-    _Alignas(64) atomic_uint gen;
-    atomic_int sleepers;
-    int n;
-} barrier_t;
-
-static void barrier_wait(barrier_t *b) {
-    if (b->n <= 1) return;
-    unsigned g = atomic_load_explicit(&b->gen, memory_order_acquire);
-    if (atomic_fetch_add(&b->count, 1) == b->n - 1) {
-        atomic_store(&b->count, 0);
-        bump(&b->gen, &b->sleepers);
-        return;
-    }
-    wait_change(&b->gen, g, &b->sleepers);
-}
+    _Alignas(64) atomic_uint next;        /* units of this (phase, share) claimed so far */
+} claim_t;
 
 typedef struct {
     int kind;                   /* FWD or BWD */
-    int steps, B, h, T;         /* T threads */
-    float *A;                   /* FWD: (steps, B, h), x W_in + b in, H out */
+    int steps, B, h, T, np, phases;
+    const float *X;             /* FWD: (steps, B, h), x W_in + b */
+    float *Hout;                /* FWD: (steps, B, h), H out; may be X (in place) */
     const float *H0;            /* FWD: (B, h) */
     const float *W; long sk, sj;/* M[k][j] = W[k*sk + j*sj]; BWD packs M^T */
     const float *dH, *H;        /* BWD: (steps, B, h) */
     float *dA, *dH0;            /* BWD: (steps, B, h) out; (B, h) out or NULL */
-    float *pack;                /* ceil(h / NR) panels of h x NR */
-    barrier_t *bar;
+    float *pack;                /* np panels of h x NR */
+    claim_t *claims;            /* phases x T */
+    atomic_uchar *flags;        /* phases x np: unit done */
+    int idempotent;             /* a unit may run twice (see wait_phase) */
+    _Alignas(64) atomic_uint done;        /* units done, all phases */
+    atomic_int sleepers;
 } job_t;
 
 /* Packs panel p of op = M (FWD) or M^T (BWD): dst[k][j] = op[k][p*NR + j], 0 beyond h. */
@@ -318,65 +324,121 @@ static void pack_panel(const job_t *J, int p) {
     }
 }
 
-/* One thread's share of a call: panels [p0, p1) of every step. */
-static void run_part(const job_t *J, int tid) {
-    const int h = J->h, B = J->B, T = J->T, np = (h + NR - 1) / NR;
-    const int p0 = (int)((long)np * tid / T), p1 = (int)((long)np * (tid + 1) / T);
+/* Unit p (a panel) of phase ph: 0 packs; FWD 1 + t is step t; BWD 1 + i is step steps-1-i,
+   and phase steps + 1 is dH0 = dA[0] M^T. */
+static void run_unit(const job_t *J, int ph, int p) {
+    if (ph == 0) { pack_panel(J, p); return; }
+    const int h = J->h, B = J->B, c0 = p * NR, nr = h - c0 < NR ? h - c0 : NR;
     const long n = (long)B * h;
-    for (int p = p0; p < p1; p++) pack_panel(J, p);
+    const float *panel = J->pack + (long)p * h * NR;
     if (J->kind == FWD) {
-        for (int t = 0; t < J->steps; t++) {
-            const float *prev = t ? J->A + (t - 1) * n : J->H0;
-            float *out = J->A + t * n;
-            for (int p = p0; p < p1; p++) {
-                const int c0 = p * NR, nr = h - c0 < NR ? h - c0 : NR;
-                const float *panel = J->pack + (long)p * h * NR;
-                for (int r0 = 0; r0 < B; r0 += MR)
-                    tile_any(B - r0 < MR ? B - r0 : MR, FWD, h, prev + (long)r0 * h, h, panel,
-                             out + (long)r0 * h + c0, NULL, NULL, h, nr);
-            }
-            if (t + 1 < J->steps) barrier_wait(J->bar);
+        const int t = ph - 1;
+        const float *prev = t ? J->Hout + (t - 1) * n : J->H0;
+        for (int r0 = 0; r0 < B; r0 += MR) {
+            const long o = t * n + (long)r0 * h + c0;
+            tile_any(B - r0 < MR ? B - r0 : MR, FWD, h, prev + (long)r0 * h, h, panel,
+                     J->Hout + o, J->X + o, NULL, h, nr);
+        }
+    } else if (ph <= J->steps) {
+        const int t = J->steps - ph;
+        const int k = t == J->steps - 1 ? 0 : h;   /* no dA[steps] */
+        const float *next = J->dA + (t + (k ? 1 : 0)) * n;
+        float *out = J->dA + t * n;
+        for (int r0 = 0; r0 < B; r0 += MR) {
+            const long o = (long)r0 * h + c0;
+            tile_any(B - r0 < MR ? B - r0 : MR, BWD, k, next + (long)r0 * h, h, panel,
+                     out + o, J->dH + t * n + o, J->H + t * n + o, h, nr);
         }
     } else {
-        for (int t = J->steps - 1; t >= 0; t--) {
-            const float *next = J->dA + (t + 1) * n;   /* dA[t+1]: not read at the last step */
-            const int k = t == J->steps - 1 ? 0 : h;
-            float *out = J->dA + t * n;
-            for (int p = p0; p < p1; p++) {
-                const int c0 = p * NR, nr = h - c0 < NR ? h - c0 : NR;
-                const float *panel = J->pack + (long)p * h * NR;
-                for (int r0 = 0; r0 < B; r0 += MR) {
-                    const long o = (long)r0 * h + c0;
-                    tile_any(B - r0 < MR ? B - r0 : MR, BWD, k, next + (long)r0 * h, h, panel,
-                             out + o, J->dH + t * n + o, J->H + t * n + o, h, nr);
-                }
-            }
-            if (t > 0 || J->dH0) barrier_wait(J->bar);
-        }
-        if (J->dH0)
-            for (int p = p0; p < p1; p++) {
-                const int c0 = p * NR, nr = h - c0 < NR ? h - c0 : NR;
-                const float *panel = J->pack + (long)p * h * NR;
-                for (int r0 = 0; r0 < B; r0 += MR)
-                    tile_any(B - r0 < MR ? B - r0 : MR, STO, h, J->dA + (long)r0 * h, h, panel,
-                             J->dH0 + (long)r0 * h + c0, NULL, NULL, h, nr);
-            }
+        for (int r0 = 0; r0 < B; r0 += MR)
+            tile_any(B - r0 < MR ? B - r0 : MR, STO, h, J->dA + (long)r0 * h, h, panel,
+                     J->dH0 + (long)r0 * h + c0, NULL, NULL, h, nr);
     }
 }
 
+static inline int share_start(const job_t *J, int i) { return (int)((long)J->np * i / J->T); }
+
+/* Claims a unit of share i of phase ph: the panel's number, or -1 when the share is used up. */
+static inline int claim(job_t *J, int ph, int i) {
+    const int start = share_start(J, i), size = share_start(J, i + 1) - start;
+    claim_t *c = &J->claims[(long)ph * J->T + i];
+    if ((int)atomic_load_explicit(&c->next, memory_order_relaxed) >= size) return -1;
+    const int u = (int)atomic_fetch_add(&c->next, 1);
+    return u < size ? start + u : -1;
+}
+
+static atomic_long helped;       /* units a thread ran that another had claimed (fp32_helped) */
+
+/* Marks unit p of phase ph done; only the first of two threads that ran it counts it. */
+static inline void mark(job_t *J, int ph, int p) {
+    if (atomic_exchange_explicit(&J->flags[(long)ph * J->np + p], 1, memory_order_acq_rel) == 0
+            && (atomic_fetch_add(&J->done, 1) + 1) % (unsigned)J->np == 0)
+        wake(&J->done, &J->sleepers);
+}
+
+/* Waits for phase ph (and so all before it) to be done. A unit still not done after a while
+   (twice this thread's recent unit time, + 5 us) is run here too, when the job allows it
+   (J->idempotent: every unit writes values that depend only on earlier phases, so two threads
+   running it write the same bits): the thread that claimed it may have lost its core. */
+static void wait_phase(job_t *J, int ph, double unit_us) {
+    const unsigned target = (unsigned)J->np * (ph + 1);
+    if (atomic_load_explicit(&J->done, memory_order_acquire) >= target) return;
+    if (J->idempotent) {
+        const double until = now_us() + 2 * unit_us + 5;
+        for (unsigned i = 1; atomic_load_explicit(&J->done, memory_order_acquire) < target; i++) {
+            cpu_relax();
+            if ((i & 31) == 0 && now_us() >= until) {
+                for (int p = 0; p < J->np; p++)
+                    if (!atomic_load_explicit(&J->flags[(long)ph * J->np + p], memory_order_acquire)) {
+                        run_unit(J, ph, p);
+                        mark(J, ph, p);
+                        atomic_fetch_add_explicit(&helped, 1, memory_order_relaxed);
+                    }
+                break;
+            }
+        }
+    }
+    wait_for(&J->done, target, 1, &J->sleepers);
+}
+
+static void work(job_t *J, int tid) {
+    double unit_us = 0;
+    for (int ph = 0; ph < J->phases; ph++) {
+        if (ph > 0) wait_phase(J, ph - 1, unit_us);
+        for (int k = 0; k < J->T; k++) {
+            const int i = (tid + k) % J->T;     /* its own share first, then the others' */
+            for (int p; (p = claim(J, ph, i)) >= 0;) {
+                const double t0 = now_us();
+                run_unit(J, ph, p);
+                mark(J, ph, p);
+                const double dt = now_us() - t0;
+                unit_us = unit_us > 0 ? 0.75 * unit_us + 0.25 * dt : dt;
+            }
+        }
+    }
+    wait_phase(J, J->phases - 1, unit_us);
+}
+
+static void work_alone(const job_t *J) {
+    for (int ph = 0; ph < J->phases; ph++)
+        for (int p = 0; p < J->np; p++) run_unit(J, ph, p);
+}
+
 #define MAX_THREADS 256
+enum { IDLE = 0, ASSIGNED = 1, RUNNING = 2 };
 
 typedef struct {
-    _Alignas(64) atomic_uint go;
-    atomic_int sleepers;
-    unsigned start;             /* go's value when the worker was created */
+    _Alignas(64) atomic_uint go;          /* bumped to wake the worker */
+    atomic_int go_sleepers;
+    atomic_uint state;                    /* IDLE, ASSIGNED (job set, not taken) or RUNNING */
+    atomic_int state_sleepers;
+    job_t *job;
+    unsigned start;                       /* go's value when the worker was created */
 } mailbox_t;
 
 static struct {
     pthread_mutex_t lock;       /* held by the call using the team */
     int workers;                /* threads started, besides callers */
-    const job_t *job;
-    barrier_t bar;
     mailbox_t box[MAX_THREADS];
 } team = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
@@ -385,11 +447,13 @@ static void *worker(void *arg) {
     mailbox_t *box = &team.box[tid];
     unsigned seen = box->start;           /* a bump made before this thread ran counts */
     for (;;) {
-        wait_change(&box->go, seen, &box->sleepers);
+        wait_for(&box->go, seen, 0, &box->go_sleepers);
         seen = atomic_load(&box->go);
-        const job_t *J = team.job;          /* set before go was bumped; kept until the end barrier */
-        run_part(J, tid);
-        barrier_wait(J->bar);
+        unsigned expect = ASSIGNED;       /* else the caller took the job back: nothing to do */
+        if (!atomic_compare_exchange_strong(&box->state, &expect, RUNNING)) continue;
+        work(box->job, tid);
+        atomic_store(&box->state, IDLE);
+        wake(&box->state, &box->state_sleepers);
     }
     return NULL;
 }
@@ -397,12 +461,12 @@ static void *worker(void *arg) {
 static void after_fork_child(void) {          /* the team's threads do not exist in a child */
     pthread_mutex_init(&team.lock, NULL);
     team.workers = 0;
+    for (int i = 0; i < MAX_THREADS; i++) atomic_store(&team.box[i].state, IDLE);
 }
 
 static void init_once(void) {
     const char *s = getenv("CHARRNN_SPIN_US");
-    spin_us = s ? atof(s) : 50.0;
-    if (!(spin_us >= 0)) spin_us = 50.0;
+    if (s && atof(s) >= 0) spin_us = atof(s);
     pthread_atfork(NULL, NULL, after_fork_child);
 }
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -411,11 +475,12 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 static int team_grow(int T) {
     if (T > MAX_THREADS) T = MAX_THREADS;
     while (team.workers < T - 1) {
+        mailbox_t *box = &team.box[team.workers + 1];
         pthread_t th;
         pthread_attr_t at;
         pthread_attr_init(&at);
         pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-        team.box[team.workers + 1].start = atomic_load(&team.box[team.workers + 1].go);
+        box->start = atomic_load(&box->go);
         int ok = pthread_create(&th, &at, worker, (void *)(intptr_t)(team.workers + 1)) == 0;
         pthread_attr_destroy(&at);
         if (!ok) break;
@@ -427,28 +492,49 @@ static int team_grow(int T) {
 /* Runs J on up to T threads; returns 0, or -1 when out of memory. */
 static int run(job_t *J, int T) {
     pthread_once(&once, init_once);
-    const int np = (J->h + NR - 1) / NR;
-    if (T > np) T = np;
+    J->np = (J->h + NR - 1) / NR;
+    J->phases = 1 + J->steps + (J->kind == BWD && J->dH0 ? 1 : 0);
+    if (T > J->np) T = J->np;
     if (T < 1) T = 1;
     void *pack = NULL;
-    if (posix_memalign(&pack, 64, (size_t)np * J->h * NR * sizeof(float)) != 0) return -1;
+    if (posix_memalign(&pack, 64, (size_t)J->np * J->h * NR * sizeof(float)) != 0) return -1;
     J->pack = pack;
-    barrier_t solo = { .n = 1 };
     if (T > 1 && pthread_mutex_trylock(&team.lock) == 0) {
         T = team_grow(T);
-        J->T = T;
-        team.bar.n = T;
-        J->bar = &team.bar;
-        team.job = J;
-        for (int i = 1; i < T; i++) bump(&team.box[i].go, &team.box[i].sleepers);
-        run_part(J, 0);
-        barrier_wait(J->bar);               /* every worker is done with J */
-        team.job = NULL;
+        void *claims = NULL;
+        const size_t nc = (size_t)J->phases * T * sizeof(claim_t), nf = (size_t)J->phases * J->np;
+        if (T > 1 && posix_memalign(&claims, 64, nc + nf) == 0) {
+            memset(claims, 0, nc + nf);
+            J->claims = claims;
+            J->flags = (atomic_uchar *)((char *)claims + nc);
+            J->T = T;
+            atomic_store(&J->done, 0);
+            atomic_store(&J->sleepers, 0);
+            for (int i = 1; i < T; i++) {
+                mailbox_t *box = &team.box[i];
+                box->job = J;
+                atomic_store(&box->state, ASSIGNED);
+                atomic_fetch_add(&box->go, 1);
+                wake(&box->go, &box->go_sleepers);
+            }
+            work(J, 0);                     /* returns once every unit is done */
+            /* a worker that never started is told not to (ASSIGNED -> IDLE); one that did is
+               waited for, as it may still write (the same values) into a unit it ran */
+            for (int i = 1; i < T; i++) {
+                mailbox_t *box = &team.box[i];
+                unsigned expect = ASSIGNED;
+                if (!atomic_compare_exchange_strong(&box->state, &expect, IDLE))
+                    wait_for(&box->state, RUNNING, 0, &box->state_sleepers);
+            }
+            free(claims);
+        } else {
+            J->T = 1;
+            work_alone(J);
+        }
         pthread_mutex_unlock(&team.lock);
     } else {                                /* one thread, or the team is busy with another call */
         J->T = 1;
-        J->bar = &solo;
-        run_part(J, 0);
+        work_alone(J);
     }
     free(pack);
     return 0;
@@ -459,13 +545,17 @@ static int run(job_t *J, int T) {
 int fp32_vector_width(void) { return VL; }
 void fp32_tanh(float *x, long n) { tanh_any(x, n); }
 int fp32_panel_width(void) { return NR; }
+long fp32_helped(void) { return atomic_load(&helped); }
 int fp32_tile_rows(void) { return MR; }
 
-/* A (steps, B, h): x_t W_in + b in, H_t out. H0 (B, h). M[k][j] = W[k*sk + j*sj]. */
-int fp32_forward(int steps, int B, int h, float *A, const float *H0, const float *W, long sk, long sj,
-                 int threads) {
+/* H (steps, B, h) out: H_t = tanh(X_t + H_{t-1} M), H_{-1} = H0 (B, h); X (steps, B, h) holds
+   x_t W_in + b and may be H itself (in place: then a thread that lost its core is waited for,
+   not helped). M[k][j] = W[k*sk + j*sj]. */
+int fp32_forward(int steps, int B, int h, const float *X, float *H, const float *H0, const float *W,
+                 long sk, long sj, int threads) {
     if (steps <= 0 || B <= 0 || h <= 0) return 0;
-    job_t J = { .kind = FWD, .steps = steps, .B = B, .h = h, .A = A, .H0 = H0, .W = W, .sk = sk, .sj = sj };
+    job_t J = { .kind = FWD, .steps = steps, .B = B, .h = h, .X = X, .Hout = H, .H0 = H0, .W = W,
+                .sk = sk, .sj = sj, .idempotent = X != H };
     return run(&J, threads);
 }
 
@@ -474,6 +564,6 @@ int fp32_backward(int steps, int B, int h, const float *dH, const float *H, floa
                   const float *W, long sk, long sj, int threads) {
     if (steps <= 0 || B <= 0 || h <= 0) return 0;
     job_t J = { .kind = BWD, .steps = steps, .B = B, .h = h, .W = W, .sk = sk, .sj = sj,
-                .dH = dH, .H = H, .dA = dA, .dH0 = dH0 };
+                .dH = dH, .H = H, .dA = dA, .dH0 = dH0, .idempotent = 1 };
     return run(&J, threads);
 }
