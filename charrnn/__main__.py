@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (SUFFIX, CheckpointError, CheckpointExists, check_writable, list_checkpoints, load_checkpoint,
+from .checkpoint import (SUFFIX, CheckpointExists, check_writable, list_checkpoints, load_checkpoint,
                          make_metadata, resolve, save_checkpoint)
-from .data import PREPROCESSING, SAMPLERS, CorpusError, load_corpus
+from .data import PREPROCESSING, SAMPLERS, load_corpus
 from .device import DEVICES
 from .errors import UserError
 from .generate import MAX_LENGTH, check_sampling, generate

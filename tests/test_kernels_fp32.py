@@ -1,5 +1,6 @@
 """The fp32 C kernels of the tanh recurrence (charrnn/kernels/fp32.py) against TanhRNNLayer's
 fp32 path (MKL step by step): every variant this CPU runs, both layouts of W, tails, 1-3 threads."""
+import os
 import subprocess
 import sys
 import threading
@@ -267,3 +268,18 @@ def test_exact_under_competition(variant):
         for p in hogs:
             p.kill()
             p.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_team_after_fork(variant):
+    """A forked child has none of the parent's team threads: it starts its own."""
+    k = _kernel_or_skip(variant)
+    g = torch.Generator().manual_seed(6)
+    W, H0, A = torch.randn(64, 64, generator=g) / 8, torch.randn(5, 64, generator=g), torch.randn(4, 5, 64, generator=g)
+    want = k.forward(A, H0, W, 2, out=torch.empty_like(A))          # the parent's team exists
+    pid = os.fork()
+    if pid == 0:                                                      # child: exit code says
+        ok = torch.equal(k.forward(A, H0, W, 2, out=torch.empty_like(A)), want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

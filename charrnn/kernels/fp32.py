@@ -157,9 +157,9 @@ class Kernel:
     def _threads(threads: int | None) -> int:
         return max(1, int(threads if threads is not None else (os.cpu_count() or 1)))
 
-    @staticmethod
-    def _check(what: str, tensors: dict, steps: int, batch: int, h: int) -> None:
-        if steps * batch * h >= 2**62 or batch * h >= 2**31 or h >= 2**31:
+    def _check(self, what: str, tensors: dict, steps: int, batch: int, h: int) -> None:
+        # C counts a call's units (panels of every step) in 32 bits, and indexes a step in 64
+        if batch * h >= 2**31 or (steps + 2) * -(-h // self.panel_width) >= 2**31:
             raise ValueError(f"fp32 kernel: sizes too large ({steps}, {batch}, {h}).")
         for name, (x, shape) in tensors.items():
             if (x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
