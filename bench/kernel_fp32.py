@@ -6,14 +6,18 @@ which runs one MKL matmul per step. Prints figures; not a test.
 For each hidden size (batch 32, 35 steps, the seed's) and thread count: the time of a whole
 layer's forward + backward (autograd, every gradient) per minibatch, the sides alternated rep by
 rep, medians; and the C step loops alone (Kernel.forward + Kernel.backward). GFLOP/s counts the
-recurrence only: 2*B*h*h per step forward and as many backward. The FMA peak assumed per core is
-the clock in /proc/cpuinfo ("cpu MHz", no boost) x 32 flops/cycle for AVX2 (2 FMA units x 8 lanes
-x 2) and x 64 for AVX-512 (Zen 5's full-width 512-bit FMA units), x 16 for the generic build
-(SSE, 4 lanes, no FMA: 2 units x 4 lanes x 2 ops).
+recurrence only: 2*B*h*h per step forward and as many backward.
+
+"% peak" is of the FMA peak measured here (Kernel.fma_peak: independent multiply-add chains in
+the variant's vectors, best of 5, one thread) times the threads. The nominal figure, from the
+clock in /proc/cpuinfo ("cpu MHz", which a VM may report without boost) x 32 flops/cycle for AVX2
+(2 FMA units x 8 lanes x 2) and x 64 for AVX-512 (Zen 5's full-width 512-bit FMA units), is
+printed beside it; where the two differ, the measured one is the clock the core really runs.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -50,10 +54,17 @@ def main() -> None:
     B, S, V = args.batch, args.steps, 28
     ghz = clock_ghz()
     names = [v for v in args.variants.split(",") if v]
+    peaks = {}
     for v in names:
         k, why = fp32.load(v)
-        print(f"{v}: {k if k else 'unavailable: ' + why}")
-    print(f"clock {ghz} GHz (cpu MHz, assumed constant); torch {torch.__version__}, "
+        if k is not None:
+            peaks[v] = max(k.fma_peak() for _ in range(5))
+            nominal = f", nominal {ghz * FLOPS_PER_CYCLE[v]:.0f}" if ghz else ""
+            print(f"{v}: {k}, one core's measured FMA peak {peaks[v]:.0f} GFLOP/s{nominal}")
+        else:
+            print(f"{v}: unavailable: {why}")
+    print(f"load average before: {Path('/proc/loadavg').read_text().split()[:3]} on {os.cpu_count()} CPUs")
+    print(f"clock {ghz} GHz (cpu MHz); torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}; batch {B}, steps {S}, medians of {args.reps}")
     print()
     header = (f"{'h':>4} {'thr':>3} {'side':<14} {'fwd+bwd ms':>10} {'GF/s':>6} {'vs MKL':>7} "
@@ -68,54 +79,46 @@ def main() -> None:
         H0 = torch.zeros(B, h, requires_grad=True)
         W = (torch.randn(h, h, generator=g) / h ** 0.5).requires_grad_()
         dHs = torch.randn(S, B, h, generator=g)
+        A = torch.randn(S, B, h, generator=g)
+        Hs_fixed, out = torch.tanh(A), torch.empty_like(A)
         flops = 2 * (2 * B * h * h * S)                  # the recurrence: forward and backward
+        kernels = {v: fp32.load(v)[0] for v in names if fp32.load(v)[0] is not None}
+        # every (threads, side) runs in each round, in a rotating order: the same load for all
+        runs = []
         for T in [int(x) for x in args.threads.split(",")]:
-            torch.set_num_threads(T)
-            sides = {"MKL (per step)": lambda: TanhRNNLayer.apply(X, W_in, b, H0, W, False)}
-            kernels = {}
-            for v in names:
-                k, _ = fp32.load(v)
-                if k is not None:
-                    kernels[v] = k
-                    sides[v] = (lambda v=v: fp32.TanhRNNFp32.apply(X, W_in, b, H0, W, v, T))
-            A = torch.randn(S, B, h, generator=g)
-            Hs_fixed = torch.tanh(A)
-
-            def loops(k):
-                k.forward(A.clone(), H0.detach(), W.detach(), T)
-                k.backward(dHs, Hs_fixed, W.detach(), T)
-
-            times = {name: [] for name in sides}
-            loop_times = {name: [] for name in kernels}
-            order = list(sides)
-            for rep in range(args.reps + 2):                     # 2 warm-up reps
-                order = order[1:] + order[:1]                    # alternate who goes first
-                for name in order:
-                    for p in (W_in, b, H0, W):
-                        p.grad = None
-                    t0 = time.perf_counter()
-                    sides[name]().backward(dHs)
-                    dt = time.perf_counter() - t0
-                    if name in kernels:
-                        t1 = time.perf_counter()
-                        loops(kernels[name])
-                        lt = time.perf_counter() - t1
-                    if rep >= 2:
-                        times[name].append(dt)
-                        if name in kernels:
-                            loop_times[name].append(lt)
-            base = statistics.median(times["MKL (per step)"])
-            for name in sides:
-                m = statistics.median(times[name])
-                line = f"{h:>4} {T:>3} {name:<14} {m * 1e3:>10.2f} {flops / m / 1e9:>6.1f} {base / m:>6.2f}x"
+            runs.append((T, "MKL (per step)", lambda T=T: TanhRNNLayer.apply(X, W_in, b, H0, W, False)))
+            for v in kernels:
+                runs.append((T, v, lambda v=v, T=T: fp32.TanhRNNFp32.apply(X, W_in, b, H0, W, v, T)))
+        times = {(T, name): [] for T, name, _ in runs}
+        loop_times = {(T, name): [] for T, name, _ in runs if name in kernels}
+        for rep in range(args.reps + 2):                     # 2 warm-up rounds
+            order = runs[rep % len(runs):] + runs[:rep % len(runs)]
+            for T, name, layer in order:
+                torch.set_num_threads(T)
+                for p in (W_in, b, H0, W):
+                    p.grad = None
+                t0 = time.perf_counter()
+                layer().backward(dHs)
+                dt = time.perf_counter() - t0
                 if name in kernels:
-                    lm = statistics.median(loop_times[name])
-                    peak = ghz * FLOPS_PER_CYCLE[name] * T * 1e9 if ghz else None
-                    line += f" {lm * 1e3:>9.2f} {flops / lm / 1e9:>9.1f}"
-                    line += f" {100 * flops / lm / peak:>6.0f}%" if peak else "       ?"
-                print(line, flush=True)
-            print()
-
+                    t1 = time.perf_counter()
+                    kernels[name].forward(A, H0.detach(), W.detach(), T, out=out)
+                    kernels[name].backward(dHs, Hs_fixed, W.detach(), T)
+                    lt = time.perf_counter() - t1
+                if rep >= 2:
+                    times[T, name].append(dt)
+                    if name in kernels:
+                        loop_times[T, name].append(lt)
+        for T, name, _ in runs:
+            base = statistics.median(times[T, "MKL (per step)"])
+            m = statistics.median(times[T, name])
+            line = f"{h:>4} {T:>3} {name:<14} {m * 1e3:>10.2f} {flops / m / 1e9:>6.1f} {base / m:>6.2f}x"
+            if name in kernels:
+                lm = statistics.median(loop_times[T, name])
+                line += f" {lm * 1e3:>9.2f} {flops / lm / 1e9:>9.1f} {100 * flops / lm / (peaks[name] * T * 1e9):>6.0f}%"
+            print(line, flush=True)
+        print()
+    print(f"load average after: {Path('/proc/loadavg').read_text().split()[:3]} on {os.cpu_count()} CPUs")
 
 if __name__ == "__main__":
     main()

@@ -1,1 +1,151 @@
-"""Hand-written C kernels, built on first use (see charrnn/kernels/fp32.py)."""
+"""The recurrence a run uses, picked in one place.
+
+    kernel = select(config, device)                        # the fastest here, e.g. Kernel("avx512-fp32")
+    kernel = select(config, device, name="avx2-fp32")      # forced: an AVX-512 machine measures the AVX2 one
+    kernel = select(config, device, precision="fp32")      # the fastest fp32 one
+    choices(config, device)                                # every name, with why it cannot run here
+
+A model runs its tanh layers through `model.kernel` (charrnn/models.py); the Trainer, the
+checkpoint loader and build_model set it from select(). The names:
+
+    reference     the book's loop over one-hot inputs (scratch), torch.nn's own layer (rnn, gru, lstm)
+    torch-fp32    the fused layer: one autograd op, a torch matmul per step (fused.py)
+    avx512-fp32   the C loops of fp32_tanh.c on a team of threads, AVX-512 (fp32.py)
+    avx2-fp32     the same C loops built for AVX2 + FMA
+    amx-bf16      the bf16 loops of bf16_tanh.c, step matmuls on AMX tiles (bf16.py)
+    mkl-bf16      the bf16 loops with MKL's bf16 matmul (CPUs with AVX512-BF16 but no AMX)
+    cudnn         on a GPU: cuDNN's RNN (for scratch, on the model's own weights)
+
+The fused and C kernels cover the tanh RNNs (scratch, and rnn without bidirectional layers); GRU,
+LSTM and bidirectional layers always run torch.nn's layer. bf16 kernels train in bf16 only: in
+evaluation and generation a model runs `kernel.inference`, the fastest fp32 kernel.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from . import bf16, bf16gemm, fp32
+from .fused import cudnn_tanh_layer, tanh_rnn_layer
+
+# best first, for the fused tanh RNNs on a CPU; measured on the 2-core CPUs of docs/performance.md
+CPU_ORDER = ("amx-bf16", "avx512-fp32", "avx2-fp32", "mkl-bf16", "torch-fp32", "reference")
+NAMES = ("reference", "torch-fp32", "avx512-fp32", "avx2-fp32", "amx-bf16", "mkl-bf16", "cudnn")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to run a model's tanh layers. `layer(X, W_in, b, H0, W) -> Hs (steps, batch, h)`
+    for the fused kernels (X: ids (steps, batch) or features (steps, batch, in); W_in (in, h);
+    W (h, h) used as H @ W); None for `reference` and for torch.nn's layer on a GPU."""
+    name: str
+    precision: str = "fp32"                      # the step matmuls while training
+    layer: Callable | None = field(default=None, compare=False, repr=False)
+    inference: Kernel | None = field(default=None, compare=False, repr=False)  # None: itself
+
+    @property
+    def fused(self) -> bool:
+        return self.layer is not None
+
+    def for_mode(self, training: bool) -> Kernel:
+        """The kernel for a forward pass in this mode: bf16 kernels evaluate in fp32."""
+        return self if training or self.inference is None else self.inference
+
+
+REFERENCE = Kernel("reference")
+
+
+def _threads() -> int:
+    """The C loops use as many threads as torch would here: the run's count (cpu_threads) or the cores."""
+    return torch.get_num_threads()
+
+
+def _c_fp32(name: str) -> Kernel:
+    return Kernel(name, "fp32", lambda X, W_in, b, H0, W: fp32.tanh_rnn_layer_fp32(
+        X, W_in, b, H0, W, variant=name, threads=_threads()))
+
+
+def _why_not(name: str, config, device: torch.device) -> str | None:
+    """Why kernel `name` cannot run `config` on `device`, or None when it can."""
+    tanh = config.kind == "scratch" or (config.kind == "rnn" and not config.bidirectional)
+    if name == "reference":
+        return None
+    if name == "cudnn":
+        return None if device.type == "cuda" else "cuDNN runs on a CUDA GPU only"
+    if device.type != "cpu":
+        return f"it runs on the CPU, not on {device.type}"
+    if not tanh:
+        return ("it covers the tanh RNNs (scratch, and rnn without bidirectional layers); "
+                f"{config.kind}{' (bidirectional)' if config.bidirectional else ''} runs torch.nn's layer")
+    if name == "torch-fp32":
+        return None
+    if name in ("avx512-fp32", "avx2-fp32"):
+        return fp32.load(name)[1] or None
+    if not bf16gemm.available():                 # amx-bf16, mkl-bf16
+        return ("this machine has no fast bf16 matmul (it needs PyTorch with MKL on an x86 CPU "
+                "with AMX or AVX512-BF16)")
+    loops = bf16.loops()
+    has_tiles = loops is not None and loops._amx
+    if name == "amx-bf16" and not has_tiles:
+        return f"this CPU or build has no AMX tiles ({bf16.status()})"
+    if name == "mkl-bf16" and has_tiles:
+        return "this CPU has AMX tiles: amx-bf16 runs instead"
+    return None
+
+
+@functools.cache
+def _kernel(name: str, device_type: str, kind: str, inference: Kernel | None) -> Kernel:
+    if name in ("amx-bf16", "mkl-bf16"):
+        return Kernel(name, "bf16", lambda X, W_in, b, H0, W: tanh_rnn_layer(X, W_in, b, H0, W, bf16=True),
+                      inference)
+    if name in ("avx512-fp32", "avx2-fp32"):
+        return _c_fp32(name)
+    if name == "torch-fp32":
+        return Kernel(name, "fp32", tanh_rnn_layer)
+    if name == "cudnn" and kind == "scratch":
+        return Kernel(name, "fp32", lambda X, W_in, b, H0, W: cudnn_tanh_layer(X, W_in, b, H0, W)[0])
+    if name == "cudnn":
+        return Kernel(name)                      # torch.nn's own layer, which runs cuDNN's on a GPU
+    return REFERENCE
+
+
+def choices(config, device) -> dict[str, str | None]:
+    """Every kernel name for `config` on `device`, best first, with why it cannot run (None: it can)."""
+    device = torch.device(device)
+    order = ("cudnn", "reference") if device.type == "cuda" else CPU_ORDER + ("cudnn",)
+    return {name: _why_not(name, config, device) for name in order}
+
+
+def select(config, device, precision: str = "auto", name: str = "auto") -> Kernel:
+    """The kernel for a run of `config` (a ModelConfig) on `device`: `name`, or with "auto" the
+    fastest that runs here in `precision` (auto: whichever is fastest). UserError with one
+    sentence when the choice cannot run."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise UserError(f"Precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+    if name != "auto" and name not in NAMES:
+        raise UserError(f"Unknown kernel {name!r}; choose auto or one of {', '.join(NAMES)}.")
+    found = choices(config, device)
+    if name == "auto":
+        runnable = [n for n, why in found.items() if why is None and precision in ("auto", _precision(n))]
+        if device.type == "cuda":
+            runnable = ["cudnn"] if precision != "bf16" else []
+        if not runnable:
+            why = "bf16 training runs on the CPU only" if device.type != "cpu" else found["amx-bf16"]
+            raise UserError(f"Precision bf16 is not available: {why}; choose fp32 or auto.")
+        name = runnable[0]
+    elif found[name] is not None:
+        raise UserError(f"Kernel {name} cannot run here: {found[name]}.")
+    elif precision != "auto" and _precision(name) != precision:
+        raise UserError(f"Kernel {name} trains in {_precision(name)}, not {precision}; choose precision auto.")
+    inference = select(config, device, "fp32") if _precision(name) == "bf16" else None
+    return _kernel(name, device.type, config.kind, inference)
+
+
+def _precision(name: str) -> str:
+    return "bf16" if name.endswith("-bf16") else "fp32"

@@ -133,6 +133,7 @@ class Kernel:
         lib.fp32_forward.restype = lib.fp32_backward.restype = i
         lib.fp32_tanh.argtypes, lib.fp32_tanh.restype = [p, l], None
         lib.fp32_helped.argtypes, lib.fp32_helped.restype = [], l
+        lib.fp32_fma_peak.argtypes, lib.fp32_fma_peak.restype = [l], ctypes.c_double
         for f in ("fp32_vector_width", "fp32_panel_width", "fp32_tile_rows"):
             getattr(lib, f).argtypes, getattr(lib, f).restype = [], i
         self.vector_width = lib.fp32_vector_width()     # floats per vector register
@@ -147,6 +148,11 @@ class Kernel:
         self._check("tanh_", {"x": (x, tuple(x.shape))}, 1, 1, 1)
         self._lib.fp32_tanh(x.data_ptr(), x.numel())
         return x
+
+    def fma_peak(self, reps: int = 2_000_000) -> float:
+        """One thread's multiply-add rate in this variant's vectors, GFLOP/s (measured: ~reps x
+        24 x 32 flops; the best of a few runs is the core's peak)."""
+        return self._lib.fp32_fma_peak(reps)
 
     def helped(self) -> int:
         """How many units (a step's panel) a thread has finished for another that had claimed

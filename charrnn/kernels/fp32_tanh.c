@@ -45,19 +45,29 @@
 #else
 #define VL 4
 #endif
+/* The tile: MR rows x NV vectors of accumulators. Measured on Zen 5 (bench/kernel_fp32.py, the
+   seed's sizes): 4 x 4 zmm beat 8 x 2 and 6 x 4 by a few per cent at h = 512 (4 W loads and 4
+   broadcasts per 16 FMAs), 4 x 3 ymm beat 6 x 2 by ~10% (16 registers: 12 + 3 + 1), and
+   without FMA (SSE) 4 x 2 did as well as 6 x 2. Either can be given with -DMR= -DNV=. */
+#if VL == 16
+#define MR_DEFAULT 4
+#define NV_DEFAULT 4
+#elif VL == 8
+#define MR_DEFAULT 4
+#define NV_DEFAULT 3
+#else
+#define MR_DEFAULT 4
+#define NV_DEFAULT 2
+#endif
 #ifndef NV              /* vectors per panel row: NR = NV * VL columns */
-#define NV 2
+#define NV NV_DEFAULT
 #endif
 #ifndef MR              /* rows per micro-tile: MR * NV accumulators */
-#if VL == 16
-#define MR 8
-#else
-#define MR 6
-#endif
+#define MR MR_DEFAULT
 #endif
 #define NR (NV * VL)
-#if MR > 8 || MR < 1
-#error "MR must be 1..8"
+#if MR > 8 || MR < 1 || NV > 4 || NV < 1
+#error "MR must be 1..8 and NV 1..4"
 #endif
 
 typedef float vf __attribute__((vector_size(VL * 4), aligned(VL * 4)));
@@ -546,6 +556,28 @@ int fp32_vector_width(void) { return VL; }
 void fp32_tanh(float *x, long n) { tanh_any(x, n); }
 int fp32_panel_width(void) { return NR; }
 long fp32_helped(void) { return atomic_load(&helped); }
+
+/* The multiply-add rate of one thread in this build's vectors, GFLOP/s: reps rounds of
+   independent chains acc = acc * m + c (FMAs where the target has them), enough chains to
+   cover the latency. For the benchmark's fraction of peak. */
+static volatile float fma_sink;
+double fp32_fma_peak(long reps) {
+    enum { C = VL == 16 ? 24 : 12 };
+    vf acc[C];
+    const vf m = splat(0.9999f), c = splat(0.0001f);
+    #pragma GCC unroll 24
+    for (int j = 0; j < C; j++) acc[j] = splat(j * 0.001f);
+    const double t0 = now_us();
+    for (long i = 0; i < reps; i++) {
+        #pragma GCC unroll 24
+        for (int j = 0; j < C; j++) acc[j] = acc[j] * m + c;
+    }
+    const double t1 = now_us();
+    float s = 0;
+    for (int j = 0; j < C; j++) s += acc[j][0];
+    fma_sink = s;
+    return (double)reps * C * VL * 2 / ((t1 - t0) * 1e3);
+}
 int fp32_tile_rows(void) { return MR; }
 
 /* H (steps, B, h) out: H_t = tanh(X_t + H_{t-1} M), H_{-1} = H0 (B, h); X (steps, B, h) holds

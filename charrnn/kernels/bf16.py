@@ -1,6 +1,6 @@
-"""The bf16 recurrence's step loops in C (charrnn/tanh_rnn.c), built on first use.
+"""The bf16 recurrence's step loops in C (charrnn/kernels/bf16_tanh.c), built on first use.
 
-    loops = native.loops()          # None where it cannot be built: the Python loops run instead
+    loops = bf16.loops()            # None where it cannot be built: the Python loops run instead
     loops.forward(A, Hb, Wb)        # A[t] += Hb[t] @ Wb; A[t] = tanh(A[t]); Hb[t+1] = bf16(A[t])
     loops.forward(A, Hb, Wb, ids, table)  # the same, with A[t] = table[ids[t]] first
     loops.backward(dH, dA, H, dAb, Wb)  # dA[t] = (dH[t] + dAb[t+1] @ Wb^T) * (1 - H[t]^2); dAb[t] = bf16(dA[t])
@@ -9,7 +9,7 @@
         dH, dW, db = loops.head_backward(dY, Hb, W)
 
 The C file has no dependencies: it calls MKL's bf16 matmul through the function pointer that
-charrnn.bf16gemm finds, so the system's C compiler (cc, or $CC) builds it in a fraction of a
+charrnn.kernels.bf16gemm finds, so the system's C compiler (cc, or $CC) builds it in a fraction of a
 second. The library goes to build/ beside the package (CHARRNN_BUILD moves it; if that cannot be
 written, a private folder in the temporary directory), named after a hash of the source, the
 flags, the compiler and the CPU, so a changed file or another machine builds afresh. No compiler,
@@ -38,8 +38,8 @@ import torch
 
 from . import bf16gemm
 
-SOURCE = Path(__file__).with_name("tanh_rnn.c")
-BUILD_DIR = Path(__file__).resolve().parent.parent / "build"
+SOURCE = Path(__file__).with_name("bf16_tanh.c")
+BUILD_DIR = Path(__file__).resolve().parents[2] / "build"
 # -ffast-math lets GCC call glibc's vector tanhf (16 floats at a time); NaN and inf still pass
 # through tanhf and the products (tests/test_bf16.py), so divergence is still seen. It is given to
 # the compile step only: linked with -ffast-math, a shared library gets GCC's crtfastmath.o, whose
@@ -59,10 +59,10 @@ def _cpu_fingerprint() -> str:
 def _build(cc: list[str], out_dir: Path) -> Path:
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha1("\0".join([SOURCE.read_text(), *COMPILE, *LINK, version, _cpu_fingerprint()]).encode()).hexdigest()[:16]
-    path = out_dir / f"tanh_rnn-{key}.so"
+    path = out_dir / f"bf16_tanh-{key}.so"
     if not path.exists():
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tanh_rnn-") as tmp:
-            obj, lib = Path(tmp) / "tanh_rnn.o", Path(tmp) / "tanh_rnn.so"
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".bf16_tanh-") as tmp:
+            obj, lib = Path(tmp) / "bf16_tanh.o", Path(tmp) / "bf16_tanh.so"
             subprocess.run([*cc, *COMPILE, str(SOURCE), "-o", str(obj)], check=True, capture_output=True, timeout=120)
             subprocess.run([*cc, *LINK, str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
             lib.chmod(0o755)
@@ -187,7 +187,7 @@ class Loops:
             raise ValueError(f"native loops: ids must be a contiguous int64 CPU tensor of shape "
                              f"{(steps, batch)}, not {got}.")
 
-    # ---- the output layer (tanh_rnn.c, "the output layer on AMX tiles") ----
+    # ---- the output layer (bf16_tanh.c, "the output layer on AMX tiles") ----
 
     def head_fits(self, tokens: int, h: int, vocab: int) -> bool:
         """Whether head_forward/head_backward run here for these sizes: AMX tiles, whole tiles of

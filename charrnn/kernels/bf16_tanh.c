@@ -1,10 +1,10 @@
-/* The step loops of the bf16 tanh RNN layer (charrnn/models.py, TanhRNNLayer with bf16=True).
+/* The step loops of the bf16 tanh RNN layer (charrnn/kernels/fused.py, TanhRNNLayer with bf16=True).
 
    The same loops in Python cost one dispatch per op, about as long as the matmul itself at these
    sizes; here a whole layer's forward or backward is one call. Each step's matmul runs on AMX
    tiles where it can (below), else it is MKL's cblas_gemm_bf16bf16f32, whose address
-   charrnn/native.py passes in; so this file needs only the C library and the compiler's own
-   headers, and builds in a fraction of a second (charrnn/native.py does it).
+   charrnn/kernels/bf16.py passes in; so this file needs only the C library and the compiler's own
+   headers, and builds in a fraction of a second (charrnn/kernels/bf16.py does it).
 
    forward:   A[t] += Hb[t] @ op(W);  A[t] = tanh(A[t]);  Hb[t+1] = bf16(A[t])       t = 0 .. steps-1
    backward:  dA[t] = dH[t] + dAb[t+1] @ op(W);  dA[t] *= 1 - H[t]^2;  dAb[t] = bf16(dA[t])
@@ -229,7 +229,7 @@ void step_matmuls(gemm_fn gemm, int op_w, int ld_w, const void *W, int batch, in
 
    W's element (k, j) is at W[k * sk + j * sj]: row-major (sk = V, sj = 1), or the transposed view
    of nn.Linear's (V, h) weight (sk = 1, sj = h); dW is written with the same layout, so autograd
-   need not copy it. T and h must be multiples of 32 and head_ready() true (charrnn/native.py
+   need not copy it. T and h must be multiples of 32 and head_ready() true (charrnn/kernels/bf16.py
    checks both); the functions return 0, -1 out of memory, -2 without AMX. */
 
 int head_ready(void) {
