@@ -283,3 +283,27 @@ def test_team_after_fork(variant):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_strided_weight_view(variant):
+    """W read through any strides: a column slice of a wider matrix, as a view."""
+    steps, batch, h, V = 4, 6, 33, 9
+    X, W_in, b, H0, _, _, dHs = _params(steps, batch, h, V, True, False, seed=8)
+    big = (torch.randn(h, 2 * h + 3, generator=torch.Generator().manual_seed(9)) / h ** 0.5).requires_grad_()
+    got_H, got = _run(lambda *a: fp32.TanhRNNFp32.apply(*a, variant, 2), X, W_in, b, H0, big, big[:, 3:h + 3], dHs)
+    want_H, want = _run(lambda *a: TanhRNNLayer.apply(*a, False), X, W_in, b, H0, big, big[:, 3:h + 3], dHs)
+    _close(got_H, want_H, "Hs")
+    for name in want:
+        _close(got[name], want[name], f"grad of {name}")
+
+
+@pytest.mark.parametrize("env", [{"CC": "/nonexistent/cc"}, {"CHARRNN_NATIVE": "0"}])
+def test_unavailable_says_why(env, tmp_path):
+    """No compiler, or native code turned off: importing works, load() gives None and a reason."""
+    code = ("from charrnn.kernels import fp32; k, why = fp32.load(); "
+            "assert k is None and why, (k, why); print(why)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CHARRNN_BUILD": str(tmp_path), **env},
+                            cwd=str(fp32.SOURCE.parent.parent.parent))
+    assert result.returncode == 0, result.stderr
+    assert ("no C compiler" in result.stdout) == ("CC" in env)

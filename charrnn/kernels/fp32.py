@@ -11,7 +11,7 @@
 X holds token ids (steps, batch) or features (steps, batch, in), W is (h, h) used as H @ W, either
 row-major (the scratch model's W_hh) or a transposed view (nn.RNN's W_hh.t()): the kernel reads it
 through its strides and packs it once per call. The step loops run in C on a team of `threads`
-threads (default: os.cpu_count()); the weight gradient sum_t H_{t-1}^T dA_t, W_in's and b's are
+threads (default: the CPUs this process may use, os.sched_getaffinity); the weight gradient sum_t H_{t-1}^T dA_t, W_in's and b's are
 each one large torch op after the loop, as in TanhRNNLayer.
 
 Each variant is the same C file compiled with its own -march (x86-64-v4 with 512-bit vectors,
@@ -54,6 +54,7 @@ LIBS = ["-lm", "-lpthread"]
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
+@functools.cache
 def _cpu_flags() -> set[str] | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -117,6 +118,14 @@ def _build(cc: list[str], flags: list[str], out_dir: Path) -> Path:
     return path
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on (os.cpu_count() where the affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
@@ -161,7 +170,7 @@ class Kernel:
 
     @staticmethod
     def _threads(threads: int | None) -> int:
-        return max(1, int(threads if threads is not None else (os.cpu_count() or 1)))
+        return max(1, int(threads if threads is not None else default_threads()))
 
     def _check(self, what: str, tensors: dict, steps: int, batch: int, h: int) -> None:
         # C counts a call's units (panels of every step) in 32 bits, and indexes a step in 64
@@ -239,15 +248,18 @@ def _load(name: str) -> tuple[Kernel | None, str]:
 
 def load(variant: str | None = None) -> tuple[Kernel | None, str]:
     """(Kernel, "") for `variant` (default: the best this CPU runs), or (None, why not)."""
-    if variant is None:
-        reasons = []
-        for name in variants():
-            kernel, why = _load(name)
-            if kernel is not None:
-                return kernel, ""
-            reasons.append(f"{name}: {why}")
-        return None, "; ".join(reasons) or "no variant runs here"
-    return _load(variant)
+    return _load(variant) if variant is not None else _best()
+
+
+@functools.cache
+def _best() -> tuple[Kernel | None, str]:
+    reasons = []
+    for name in variants():
+        k, why = _load(name)
+        if k is not None:
+            return k, ""
+        reasons.append(f"{name}: {why}")
+    return None, "; ".join(reasons) or "no variant runs here"
 
 
 def kernel(variant: str | None = None) -> Kernel:
