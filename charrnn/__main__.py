@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from .checkpoint import (SUFFIX, CheckpointExists, check_writable, list_checkpoints, load_checkpoint,
                          make_metadata, resolve, save_checkpoint)
+from . import kernels
 from .data import PREPROCESSING, SAMPLERS, load_corpus
 from .device import DEVICES
 from .errors import UserError
 from .generate import MAX_LENGTH, check_sampling, generate
 from .models import KINDS
-from .train import OPTIMIZERS, PRECISIONS, TrainConfig, Trainer, TrainingDiverged
+from .train import KERNELS, OPTIMIZERS, PRECISIONS, TrainConfig, Trainer, TrainingDiverged
 
 USER_ERRORS = (UserError,)  # -> exit 2, one line (CorpusError, CheckpointError and the settings checks)
 
@@ -72,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-tokens", type=int, default=2_000)
     t.add_argument("--device", choices=DEVICES, default="auto")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--reference", action="store_true", help="the seed's step-by-step loop instead of the fused recurrence")
+    t.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="how the recurrence runs (auto: the fastest here; reference: the book's loop); "
+                        "see charrnn/kernels")
+    t.add_argument("--reference", action="store_true", help="the same as --kernel reference")
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="step matmuls while training: bf16 (CPU with AMX/AVX512-BF16), fp32, or auto: "
                         "bf16 where it runs, else fp32")
@@ -113,7 +117,7 @@ def cmd_train(args) -> None:
         model=args.model, hidden_size=args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
         batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, epochs=args.epochs, clip=args.clip,
         sampling=args.sampling, max_tokens=args.max_tokens, optimizer=args.optimizer, seed=args.seed,
-        device=args.device, fused=not args.reference, precision=args.precision,
+        device=args.device, kernel="reference" if args.reference else args.kernel, precision=args.precision,
         threads=args.threads, cuda_graphs=args.cuda_graphs)
     save_path = resolve(args.save) if args.save else None
     if save_path is not None:
@@ -159,17 +163,20 @@ def cmd_train(args) -> None:
         "perplexity": round(last.train_ppl, 4) if last else None,
         "val_perplexity": round(last.val_ppl, 4) if last and last.val_ppl else None,
         "tokens_per_s": round(trainer.tokens_per_s), "wall_s": round(wall, 2),
-        "sample": last.sample if last and last.sample else trainer.sample(), "fused": config.fused, "precision": trainer.precision,
+        "sample": last.sample if last and last.sample else trainer.sample(), "kernel": trainer.kernel.name,
+        "fused": trainer.kernel.fused, "precision": trainer.precision,
         "cuda_graph": trainer.graphed, "lr": config.lr, "seed": config.seed,
         "checkpoint": str(saved) if saved else None,
     }
+    if trainer.precision == "bf16":               # whether its step loops ran in C or in Python, and why
+        result["native"] = kernels.bf16.status()
     if trainer.device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**20)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"perplexity {result['perplexity']}, validation {result['val_perplexity']}, "
-              f"{result['tokens_per_s']:,} tokens/s on {result['device']}, {wall:.1f} s")
+              f"{result['tokens_per_s']:,} tokens/s on {result['device']} ({result['kernel']}), {wall:.1f} s")
         print(result["sample"])
     if status:
         sys.exit(status)

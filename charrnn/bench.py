@@ -1,5 +1,6 @@
-"""Benchmark: training speed and quality of the fused path (bf16 and fp32) against the seed's
-step-by-step loop (and the d2l package itself, when its harness is given), plus generation latency.
+"""Benchmark: training speed and quality of every kernel that runs here (charrnn/kernels: the C
+loops, bf16, the fused torch layer, the seed's step-by-step loop) against each other and the d2l
+package itself, when its harness is given, plus generation latency.
 
     python -m charrnn bench --models scratch,rnn --epochs 20 --rounds 3
     python -m charrnn bench --peer ../shared/bench/d2l_baseline.py --peer-python .peer-venv/bin/python
@@ -10,7 +11,9 @@ The limit is what this CPU's matmul rate allows: the step matmul (batch, hidden)
 is timed here in each precision, the way training runs it (fp32: torch.mm; bf16: the C loops'
 step matmul, on AMX tiles where the CPU has them), and one token costs
 6 * (hidden^2 + hidden * vocab) FLOPs (forward, and backward for inputs and weights).
-Every row names its precision. Benchmarks report; they never pass or fail.
+The FMA peak is the cores' fp32 rate: clock x 2 FMA units x the vector width (16 lanes with
+AVX-512, 8 with AVX2) x 2, an upper bound the CPU may not reach at its real clock or width.
+Every row names its kernel and precision. Benchmarks report; they never pass or fail.
 """
 from __future__ import annotations
 
@@ -26,11 +29,12 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from . import bf16gemm, native
+from . import kernels
+from .kernels import bf16 as native, bf16gemm
 from .checkpoint import DEFAULT_NAME, checkpoint_dir, load_checkpoint
 from .device import resolve_device
 from .generate import generate
-from .models import DEFAULT_HIDDEN
+from .models import DEFAULT_HIDDEN, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 28
@@ -97,10 +101,39 @@ def limit_tokens_per_s(hidden: int, precision: str = "fp32", batch: int = 32,
     return rate * 1e9 / flops_per_token, rate
 
 
+def fma_peak_gflops(cores: int | None = None) -> tuple[float, str] | None:
+    """(the fp32 FMA peak of `cores` cores in GFLOP/s, how it was reckoned), from /proc/cpuinfo's
+    clock and flags; None where those cannot be read."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    mhz = next((float(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu MHz")), None)
+    flags = next((set(l.split(":")[1].split()) for l in info.splitlines() if l.startswith("flags")), set())
+    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
+    if not mhz:
+        return None
+    cores = cores or os.cpu_count() or 1
+    return (mhz / 1000 * 2 * lanes * 2 * cores,
+            f"{cores} cores x {mhz / 1000:.2f} GHz x 2 FMA units x {lanes} lanes x 2")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the features the kernels choose by."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu"
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "cpu")
+    flags = next((set(l.split(":")[1].split()) for l in info.splitlines() if l.startswith("flags")), set())
+    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(shown) or 'no AVX2'})"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({os.cpu_count()} cores)"
+    return f"cpu: {cpu_name()}, {os.cpu_count()} cores"
 
 
 class BenchError(RuntimeError):
@@ -214,18 +247,23 @@ def run_child(cmd: list[str]) -> dict:
     return result
 
 
-SIDE_FLAGS = {
-    "bf16": ["--precision", "bf16"],                   # the fused path in bf16 (CPU)
-    "fp32": ["--precision", "fp32"],                   # the fused path in fp32 (CUDA: graph replays)
-    "eager": ["--precision", "fp32", "--no-cuda-graphs"],          # CUDA: the fused path op by op
-    "reference": ["--reference", "--precision", "fp32", "--no-cuda-graphs"],  # the seed's loop, op by op
-    "reference+graph": ["--reference", "--precision", "fp32"],     # CUDA: the seed's loop, recorded
+CUDA_SIDES = {
+    "fp32": [],                                        # cuDNN, replayed from a CUDA graph (the default)
+    "eager": ["--no-cuda-graphs"],                     # cuDNN, op by op
+    "reference": ["--kernel", "reference", "--no-cuda-graphs"],  # the seed's loop, op by op
+    "reference+graph": ["--kernel", "reference"],      # the seed's loop, recorded
 }
 
 
+def cpu_sides(model: str) -> list[str]:
+    """The kernels that train `model` (the seed's size) on this CPU, best first."""
+    config = ModelConfig(model, VOCAB, DEFAULT_HIDDEN[model])
+    return [name for name, why in kernels.choices(config, "cpu").items() if why is None]
+
+
 def ours(model: str, epochs: int, side: str) -> dict:
-    """One of our sides (SIDE_FLAGS)."""
-    flags = SIDE_FLAGS[side]
+    """One of our sides: a kernel's name on a CPU, a CUDA_SIDES entry on a GPU."""
+    flags = CUDA_SIDES[side] if side in CUDA_SIDES else ["--kernel", side]
     cmd = [sys.executable, "-m", "charrnn", "train", "--model", model, "--epochs", str(epochs),
            "--json", "--quiet"] + flags
     return run_child(cmd)
@@ -263,19 +301,19 @@ def main(args) -> None:
         raise UserError(f"No benchmark harness at {args.peer}.")
     device = resolve_device("auto")                 # where the children train (their default)
     if device.type == "cuda":
-        sides = ["fp32", "eager", "reference", "reference+graph"]
+        sides = {m: [side for side in CUDA_SIDES if m == "scratch" or not side.startswith("reference")]
+                 for m in models}                # the concise models' reference is cuDNN's layer too
     else:
-        sides = (["bf16"] if bf16gemm.available() else []) + ["fp32", "reference"]
-    sides += ["d2l"] if args.peer else []
+        sides = {m: cpu_sides(m) for m in models}
+    if args.peer:
+        for m in ("scratch", "rnn"):            # the peer covers the book's two models
+            if m in sides:
+                sides[m].append("d2l")
     peer_python = args.peer_python or sys.executable
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.rounds):
         for model in models:
-            for side in sides:
-                if side in ("d2l", "bf16") and model not in ("scratch", "rnn"):
-                    continue                    # the peer and the bf16 path cover the tanh RNNs
-                if side.startswith("reference") and model != "scratch" and device.type == "cuda":
-                    continue                    # on a GPU the concise models' fused path is the reference
+            for side in sides[model]:
                 if side == "d2l":
                     res = peer(args.peer, peer_python, model, args.epochs)
                 else:
@@ -283,41 +321,48 @@ def main(args) -> None:
                 results.setdefault((model, side), []).append(res)
                 print(f"round {r + 1} {model:<8} {side:<15} {res['tokens_per_s']:>9,.0f} tokens/s  "
                       f"ppl {res['perplexity']:.3f}", file=sys.stderr, flush=True)
+    peak = fma_peak_gflops() if device.type == "cpu" else None
     rows = []
     for model in models:
         hidden = DEFAULT_HIDDEN[model]
-        limits = {precision: limit_tokens_per_s(hidden, precision, device=device) for precision in ("fp32", "bf16")
-                  if precision == "fp32" or "bf16" in sides}
-        base = results.get((model, "d2l")) or results.get((model, "reference")) or results[(model, sides[0])]
+        flops_per_token = 6 * (hidden * hidden + hidden * VOCAB)
+        limits = {p: limit_tokens_per_s(hidden, p, device=device) for p in ("fp32", "bf16")
+                  if p == "fp32" or any(r.get("precision") == "bf16" for (m, _), rs in results.items()
+                                         if m == model for r in rs)}
+        base = results.get((model, "d2l")) or results.get((model, "reference")) or results[(model, sides[model][0])]
         base_tps = statistics.median(x["tokens_per_s"] for x in base)
-        for side in sides:
-            runs = results.get((model, side))
-            if not runs:
-                continue
+        for side in sides[model]:
+            runs = results[(model, side)]
             tps = statistics.median(x["tokens_per_s"] for x in runs)
-            precision = "bf16" if side == "bf16" else "fp32"
+            precision = runs[0].get("precision", "fp32")
             limit, rate = limits[precision]
             rows.append({
-                "model": model, "hidden": hidden, "side": side, "precision": precision, "epochs": args.epochs,
+                "model": model, "hidden": hidden, "side": side, "kernel": runs[0].get("kernel", side),
+                "precision": precision, "epochs": args.epochs,
                 "tokens_per_s": round(tps), "vs_baseline": round(tps / base_tps, 2),
                 "perplexity": round(statistics.median(x["perplexity"] for x in runs), 4),
                 "limit_tokens_per_s": round(limit), "fraction_of_limit": round(tps / limit, 3),
-                "matmul_gflops": round(rate, 1),
+                "matmul_gflops": round(rate, 1), "gflops": round(tps * flops_per_token / 1e9, 1),
+                "fraction_of_fma_peak": round(tps * flops_per_token / 1e9 / peak[0], 3) if peak else None,
                 "peak_rss_mb": max((x.get("peak_rss_mb") or 0) for x in runs) or None,
                 "peak_gpu_mb": max((x.get("peak_gpu_mb") or 0) for x in runs) or None,
                 "rounds": len(runs)})
     gen = generation_ms()
     baseline = "d2l" if args.peer else "reference" if device.type != "cuda" else "reference (scratch), fp32 (the others)"
     print(f"\nbaseline: {baseline} (the ratio column); {args.rounds} rounds of {args.epochs} epochs, medians; "
-          f"limit: the step matmul's measured rate in the row's precision")
+          f"limit: the step matmul's measured rate (torch/MKL) in the row's precision")
     print(f"device: {device_name(device)}")
-    print(f"{'model':<8} {'side':<15} {'precision':<9} {'tokens/s':>10} {'ratio':>6} {'ppl':>8} {'limit':>9} {'of limit':>8} {'peak MB':>8}")
+    if peak:
+        print(f"FMA peak: {peak[0]:.0f} GFLOP/s ({peak[1]})")
+    print(f"{'model':<8} {'side':<15} {'precision':<9} {'tokens/s':>10} {'ratio':>6} {'ppl':>8} {'limit':>9} "
+          f"{'of limit':>8} {'GFLOP/s':>8} {'of peak':>7} {'peak MB':>8}")
     for row in rows:
+        of_peak = f"{row['fraction_of_fma_peak']:.0%}" if row["fraction_of_fma_peak"] is not None else "-"
         print(f"{row['model']:<8} {row['side']:<15} {row['precision']:<9} {row['tokens_per_s']:>10,} {row['vs_baseline']:>6.2f} "
               f"{row['perplexity']:>8.3f} {row['limit_tokens_per_s']:>9,} {row['fraction_of_limit']:>8.0%} "
-              f"{row['peak_rss_mb'] or '-':>8}")
+              f"{row['gflops']:>8} {of_peak:>7} {row['peak_rss_mb'] or '-':>8}")
     if gen is not None:
         print(f"generation: 500 characters greedily from the shipped checkpoint in {gen:.1f} ms")
     print(json.dumps({"rows": rows, "generation_500_ms": gen and round(gen, 1), "baseline": baseline,
-                      "device": device_name(device),
+                      "device": device_name(device), "fma_peak_gflops": peak and round(peak[0]),
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))

@@ -95,7 +95,8 @@ def make_metadata(trainer, command: str | None = None, settings: dict | None = N
         "preprocessing": corpus.preprocessing,
         "corpus": {"name": corpus.name, "sha1": corpus.sha1, "train_tokens": len(corpus.train),
                    "val_tokens": 0 if corpus.val is None else len(corpus.val)},
-        "train": asdict(trainer.config) | {"device": str(trainer.device), "precision": trainer.precision},
+        "train": asdict(trainer.config) | {"device": str(trainer.device), "precision": trainer.precision,
+                                           "kernel": trainer.kernel.name},
         "command": command, "settings": settings,
         "metrics": {"epochs": trainer.epoch,
                     "perplexity": last.train_ppl if last else None,
@@ -223,7 +224,7 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> Loaded:
         if len(vocab) != config.vocab_size:
             raise ValueError("vocabulary size")
         tensors = safetensors.torch.load_file(str(path))
-        model = build_model(config)
+        model = build_model(config, device=device)            # the fastest fp32 kernel there
         model.load_state_dict(tensors, strict=True)
     except Exception:
         raise CheckpointError(f"{path} is damaged: its weights do not match its model description.") from None

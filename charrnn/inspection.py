@@ -181,15 +181,15 @@ def shape_trace(model: nn.Module, X: torch.Tensor, Y: torch.Tensor | None = None
     if cfg.kind == "scratch":
         XW = onehot @ model.W_xh + model.b_h                    # (steps, batch, h)
         rows.append(TraceRow("X_t @ W_xh + b_h, all t", shape_of(XW), _dtype(XW),
-                             "one-hot times W_xh picks row x_t of W_xh: the fused path "
+                             f"one-hot times W_xh picks row x_t of W_xh: the {model.kernel.name} kernel "
                              + ("(cuDNN, on a GPU) multiplies it" if model.W_hh.is_cuda else
                                 "does this as an embedding lookup")
-                             if model.fused else "the input's share of every step"))
-    elif getattr(model, "uses_fused", False):
+                             if model.kernel.fused else "the input's share of every step"))
+    elif model.kernel.fused:
         W_ih, b = model.rnn.weight_ih_l0, model.rnn.bias_ih_l0 + model.rnn.bias_hh_l0
         XW = F.embedding(X.T, W_ih.t()) + b                     # (steps, batch, h)
         rows.append(TraceRow("X_t @ W_ih.T + b, all t", shape_of(XW), _dtype(XW),
-                             "the fused nn.RNN path: one-hot times W_ih done as an embedding lookup"))
+                             f"the {model.kernel.name} kernel: one-hot times W_ih done as an embedding lookup"))
     state = model.begin_state(batch, X.device)
     rows.append(_state_row("state in (begin_state)", state,
                            "" if cfg.kind == "scratch" else " — (directions*layers, batch, hidden)"))

@@ -48,6 +48,7 @@ class Snapshot:
     config: TrainConfig
     vocab_size: int
     precision: str                 # what the run trains in (config.precision "auto" resolved)
+    kernel: str                    # how its recurrence runs (config.kernel "auto" resolved, charrnn/kernels)
     saved: list[str] = field(default_factory=list)
     graph_failed: str | None = None  # why the CUDA graph could not be recorded (the run went on op by op)
 
@@ -138,7 +139,7 @@ class Job:
                 epochs=self.config.epochs, epoch=self.trainer.epoch,
                 columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples),
                 elapsed_s=end - self._started, config=self.config, vocab_size=len(self.corpus.vocab),
-                precision=self.trainer.precision, saved=list(self.saved),
+                precision=self.trainer.precision, kernel=self.trainer.kernel.name, saved=list(self.saved),
                 graph_failed=self.trainer.graph_failed)
 
     @property
@@ -168,7 +169,7 @@ class Job:
                 "--hidden", c.hidden_size, "--layers", c.num_layers] + (["--bidirectional"] if c.bidirectional else []) + [
                 "--batch-size", c.batch_size, "--num-steps", c.num_steps, "--lr", repr(c.lr), "--optimizer", c.optimizer,
                 "--epochs", c.epochs, "--clip", repr(c.clip), "--sampling", c.sampling, "--max-tokens", c.max_tokens,
-                "--val-tokens", val, "--seed", c.seed, "--device", c.device, "--precision", c.precision, "--threads", c.threads]
+                "--val-tokens", val, "--seed", c.seed, "--device", c.device, "--precision", c.precision, "--kernel", c.kernel, "--threads", c.threads]
         if not c.cuda_graphs:
             args.append("--no-cuda-graphs")
         return "python -m charrnn train " + shlex.join(str(a) for a in args)

@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from . import bf16gemm
+from . import kernels
 from .data import SAMPLERS, Corpus, check_batchable
 from .device import cpu_threads, resolve_device
 from .generate import generate
 from .models import DEFAULT_HIDDEN, ModelConfig, build_model, detach_state
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = kernels.PRECISIONS
+KERNELS = ("auto",) + kernels.NAMES
 MAX_EPOCHS = 100_000
 MAX_THREADS = 1024
 NAN = float("nan")
@@ -56,8 +57,8 @@ class TrainConfig:
     optimizer: str = "sgd"
     seed: int = 0
     device: str = "auto"
-    fused: bool = True         # the fused recurrence (same math as the seed's loop, faster)
-    precision: str = "auto"    # step matmuls while training: fp32, bf16 (CPU), or auto (the fast one here)
+    kernel: str = "auto"       # how the recurrence runs (charrnn/kernels): auto picks the fastest here
+    precision: str = "auto"    # step matmuls while training: fp32, bf16 (CPU), or auto (the kernel's)
     threads: int = 0           # CPU threads for the run's ops (0: PyTorch's default, one per core)
     cuda_graphs: bool = True   # on a CUDA device, replay each minibatch's step as one recorded CUDA graph
     sample_every: int = 10
@@ -76,6 +77,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"Optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}."),
             (self.sample_every >= 1, "Samples must come at least every epoch (sample_every >= 1)."),
             (self.precision in PRECISIONS, f"Precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}."),
+            (self.kernel in KERNELS, f"Kernel must be one of {', '.join(KERNELS)}, not {self.kernel!r}."),
             (0 <= self.threads <= MAX_THREADS, f"Threads must be between 0 (all cores) and {MAX_THREADS}, not {self.threads}."),
         ]
         for ok, message in checks:
@@ -98,28 +100,6 @@ class EpochStats:
     clipped: float | None            # fraction of minibatches whose gradient was clipped
     elapsed_s: float                 # since the run started
     sample: str | None = None        # 50 characters after sample_prefix, every sample_every epochs
-
-
-def resolve_precision(name: str, model, device: torch.device) -> str:
-    """The precision a run trains in: `auto` picks bf16 where it is both possible and fast (the
-    fused tanh RNNs on a CPU with AMX or AVX512-BF16), fp32 elsewhere; asking for bf16 where it
-    cannot run is an error that says why."""
-    if name == "fp32":
-        return "fp32"
-    why_not = None
-    if device.type != "cpu":
-        why_not = f"bf16 training runs on the CPU only, not on {device.type}"
-    elif not getattr(model, "supports_bf16", False):
-        why_not = ("bf16 training covers the fused tanh RNNs (scratch and rnn, unidirectional); "
-                   "GRU, LSTM, bidirectional layers and the reference loop train in fp32")
-    elif not bf16gemm.available():
-        why_not = ("this machine has no fast bf16 matmul (it needs PyTorch with MKL on an x86 CPU "
-                   "with AMX or AVX512-BF16)")
-    if why_not is None:
-        return "bf16"
-    if name == "auto":
-        return "fp32"
-    raise UserError(f"Precision bf16 is not available: {why_not}; choose fp32 or auto.")
 
 
 def clip_gradients(parameters, theta: float) -> torch.Tensor:
@@ -254,11 +234,11 @@ class Trainer:
         self.config, self.corpus = config, corpus
         self.device = resolve_device(config.device)
         if model is None:
-            model = build_model(config.model_config(len(corpus.vocab)), fused=config.fused, seed=config.seed)
-        self.model = model
-        self.model.to(self.device)
-        self.precision = resolve_precision(config.precision, model, self.device)
-        self.model.precision = self.precision
+            model = build_model(config.model_config(len(corpus.vocab)), seed=config.seed, kernel="reference")
+        self.model = model.to(self.device)
+        self.kernel = kernels.select(model.config, self.device, config.precision, config.kernel)
+        self.model.kernel = self.kernel
+        self.precision = self.kernel.precision
         self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
         self.graph_step = CudaGraphStep(self) if self.device.type == "cuda" and config.cuda_graphs else None
         self.step = self.graph_step or self.eager_step

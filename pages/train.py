@@ -15,7 +15,7 @@ from charrnn.data import DATA_ENV, MAX_CORPUS_BYTES, TIMEMACHINE_FILE, CorpusErr
 from charrnn.device import available_devices, default_threads, threads_settable
 from charrnn.jobs import JobBusy, Snapshot
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
-from charrnn.train import MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig
+from charrnn.train import KERNELS, MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig
 from pages.common import corpus_for, registry, through_router, timemachine_problem
 from pages.live_plot import live_plot
 
@@ -77,9 +77,14 @@ def settings_ui() -> dict:
         s["device"] = st.selectbox("Device", devices, key="train_device", persist_state="session", disabled=len(devices) == 1,
                                    help="Detected: cuda > mps > cpu.")
         s["precision"] = st.selectbox("Precision", PRECISIONS, key="train_precision", persist_state="session",
-                                      help="The step matmuls while training. auto: bf16 where it is fast (a CPU "
-                                           "with AMX or AVX512-BF16, the scratch RNN and nn.RNN), else fp32. "
+                                      help="The step matmuls while training. auto: the fastest kernel's (bf16 "
+                                           "on a CPU with AMX tiles, for the scratch RNN and nn.RNN), else fp32. "
                                            "Weights, evaluation and generation stay fp32.")
+        s["kernel"] = st.selectbox("Kernel", KERNELS, key="train_kernel", persist_state="session",
+                                   help="How the recurrence runs. auto: the fastest on this machine (C loops "
+                                        "for its CPU's vector instructions, bf16 loops, cuDNN on a GPU). "
+                                        "reference: the book's loop, step by step. A forced kernel that "
+                                        "cannot run this model here says why at Start.")
         cores = default_threads()
         if threads_settable():
             s["threads"] = st.number_input(
@@ -236,7 +241,7 @@ def fmt_time(seconds: float | None) -> str:
 def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
     frac = snap.epoch / snap.epochs if snap.epochs else 0
     st.progress(min(frac, 1.0), text=f"{snap.label} — epoch {snap.epoch} / {snap.epochs} · "
-                                      f"{fmt_time(snap.elapsed_s)} elapsed · ETA {fmt_time(snap.eta_s)} · {snap.precision} · {snap.status}")
+                                      f"{fmt_time(snap.elapsed_s)} elapsed · ETA {fmt_time(snap.eta_s)} · {snap.kernel} · {snap.status}")
     m1, m2, m3, m4 = st.columns(4)
     ppl, val, tps, g = (snap.last(c) for c in ("train_ppl", "val_ppl", "tokens_per_s", "grad_norm"))
     m1.metric("Train perplexity", f"{ppl:.3f}" if ppl else "–")

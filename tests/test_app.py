@@ -241,7 +241,7 @@ def test_generate_untrained_model_and_sampling(jobs):
 def test_train_precision_setting(jobs, book):
     """The default trains in the fast precision and says which; bf16 where it cannot run is one
     sentence and starts nothing."""
-    from charrnn import bf16gemm
+    from charrnn import kernels
     at = app("train")
     assert at.selectbox(key="train_precision").value == "auto"
     at.selectbox(key="train_model").set_value("gru").run()
@@ -258,7 +258,7 @@ def test_train_precision_setting(jobs, book):
     at.button(key="start").click().run()
     job = jobs.running()
     assert job is not None
-    expected = "bf16" if bf16gemm.available() and job.trainer.device.type == "cpu" else "fp32"
-    assert job.snapshot().precision == expected
-    assert poll(at, lambda a: any(f"· {expected} ·" in p.proto.text for p in a.get("progress")))
+    expected = kernels.select(job.trainer.model.config, job.trainer.device)   # the fastest here
+    assert (job.snapshot().kernel, job.snapshot().precision) == (expected.name, expected.precision)
+    assert poll(at, lambda a: any(f"· {expected.name} ·" in p.proto.text for p in a.get("progress")))
     job.stop()

@@ -2,14 +2,22 @@
 import pytest
 import torch
 
-from charrnn import bf16gemm
-from charrnn.models import ModelConfig, build_model, tanh_rnn_layer
-from charrnn.train import TrainConfig, Trainer, resolve_precision
+from charrnn import kernels
+from charrnn.kernels import bf16gemm
+from charrnn.kernels.fused import tanh_rnn_layer
+from charrnn.models import ModelConfig, build_model
+from charrnn.train import TrainConfig, Trainer
 
 needs_bf16 = pytest.mark.skipif(not bf16gemm.available(),
                                 reason="needs PyTorch's MKL and a CPU with AMX or AVX512-BF16")
 BF = torch.bfloat16
 CPU = torch.device("cpu")
+
+
+def use(model, precision: str):
+    """Train `model` in `precision` from now on: the fastest kernel here in it."""
+    model.kernel = kernels.select(model.config, "cpu", precision)
+    return model.train()
 
 
 def bf16_exact(*shape, seed=0):
@@ -108,30 +116,29 @@ def test_bf16_layer_follows_fp32(ids, transposed_W):
 
 @needs_bf16
 def test_evaluation_runs_in_fp32_whatever_the_training_precision():
-    model = build_model(ModelConfig("scratch", 28, 32), seed=0)
+    model = use(build_model(ModelConfig("scratch", 28, 32), seed=0), "bf16")
     X = torch.randint(0, 28, (4, 10))
+    model.eval()
     with torch.no_grad():
+        evaluated, _ = model(X, model.begin_state(4))
+        model.kernel = model.kernel.inference
+        assert model.kernel.precision == "fp32"
         fp32, _ = model(X, model.begin_state(4))
-        model.precision = "bf16"
-        same, _ = model(X, model.begin_state(4))
-    assert torch.equal(fp32, same)
+    assert torch.equal(fp32, evaluated)
 
 
-def test_precision_choice():
-    scratch = build_model(ModelConfig("scratch", 28, 16))
-    gru = build_model(ModelConfig("gru", 28, 16))
-    reference = build_model(ModelConfig("scratch", 28, 16), fused=False)
-    fast = "bf16" if bf16gemm.available() else "fp32"
-    assert resolve_precision("auto", scratch, CPU) == fast
-    assert resolve_precision("auto", build_model(ModelConfig("rnn", 28, 16)), CPU) == fast
-    assert resolve_precision("fp32", scratch, CPU) == "fp32"
-    assert resolve_precision("auto", gru, CPU) == "fp32"
-    assert resolve_precision("auto", reference, CPU) == "fp32"
-    assert resolve_precision("auto", scratch, torch.device("cuda")) == "fp32"
-    with pytest.raises(ValueError, match="GRU, LSTM"):
-        resolve_precision("bf16", gru, CPU)
+def test_precision_and_kernel_choice():
+    scratch, rnn, gru = (ModelConfig(kind, 28, 16) for kind in ("scratch", "rnn", "gru"))
+    runnable = [name for name, why in kernels.choices(scratch, CPU).items() if why is None]
+    assert kernels.select(scratch, CPU).name == runnable[0] == kernels.select(rnn, CPU).name
+    assert kernels.select(scratch, CPU, "fp32").precision == "fp32"
+    assert kernels.select(gru, CPU).name == "reference"
+    assert kernels.select(scratch, CPU, name="reference").name == "reference"
+    assert kernels.select(scratch, torch.device("cuda")).name == "cudnn"
+    with pytest.raises(ValueError, match="tanh RNNs"):
+        kernels.select(gru, CPU, "bf16")
     with pytest.raises(ValueError, match="CPU only"):
-        resolve_precision("bf16", scratch, torch.device("cuda"))
+        kernels.select(scratch, torch.device("cuda"), "bf16")
     with pytest.raises(ValueError, match="Precision must be"):
         TrainConfig(precision="fp16")
 
@@ -164,12 +171,12 @@ def test_step_gemm_keeps_its_buffers_alive():
 
 
 # -----------------------------------------------------------------------------
-# the step loops in C (charrnn/native.py)
+# the step loops in C (charrnn/kernels/bf16.py)
 
 def test_the_c_loops_build_here():
     """Where bf16 runs and a C compiler is there, the loops build; elsewhere they are None."""
     import shutil
-    from charrnn import native
+    from charrnn.kernels import bf16 as native
     expected = bf16gemm.available() and shutil.which("cc") is not None
     assert (native.loops() is not None) == expected
 
@@ -179,7 +186,7 @@ def test_the_c_loops_build_here():
 @pytest.mark.parametrize("transposed_W", [False, True])
 @pytest.mark.parametrize("batch, h", [(4, 48), (32, 64)])  # MKL's matmul; AMX tiles where the CPU has them
 def test_c_loops_match_the_python_loops(monkeypatch, ids, transposed_W, batch, h):
-    from charrnn import native
+    from charrnn.kernels import bf16 as native
     if native.loops() is None:
         pytest.skip("no C compiler on this machine: the Python loops are the only ones")
     g = torch.Generator().manual_seed(3)
@@ -207,14 +214,14 @@ def test_c_loops_match_the_python_loops(monkeypatch, ids, transposed_W, batch, h
 def test_loading_the_c_loops_keeps_subnormal_numbers():
     """The library is built with -ffast-math but not linked with it: no flush-to-zero for the
     thread that loads it (GCC's crtfastmath.o would switch it on)."""
-    from charrnn import native
+    from charrnn.kernels import bf16 as native
     native.loops()
     assert torch.tensor([1e-38]).mul(0.01).item() > 0
 
 
 @needs_bf16
 def test_c_loops_check_their_arguments():
-    from charrnn import native
+    from charrnn.kernels import bf16 as native
     loops = native.loops()
     if loops is None:
         pytest.skip("no C compiler on this machine: the Python loops are the only ones")
@@ -262,10 +269,10 @@ def test_c_loops_check_their_arguments():
 
 
 # -----------------------------------------------------------------------------
-# the output layer on AMX tiles (models.linear_head, LinearBF16)
+# the output layer on AMX tiles (kernels.fused.linear_head, LinearBF16)
 
 def _amx_head() -> bool:
-    from charrnn import native
+    from charrnn.kernels import bf16 as native
     loops = native.loops() if bf16gemm.available() else None
     return loops is not None and loops.head_fits(32, 32, 2)
 
@@ -289,7 +296,7 @@ def head_operands(tokens, h, V, column_major, seed=0):
 @pytest.mark.parametrize("column_major", [False, True])
 def test_bf16_head_matches_fp32_on_bf16_exact_inputs(V, column_major):
     """On bf16-exact inputs the tile matmuls differ from fp32's only in the order of their sums."""
-    from charrnn.models import linear_head
+    from charrnn.kernels.fused import linear_head
     H, W, b, dY = head_operands(96, 64, V, column_major)
     results = []
     for bf16 in (True, False):
@@ -305,7 +312,7 @@ def test_bf16_head_matches_fp32_on_bf16_exact_inputs(V, column_major):
 def test_bf16_head_rounds_fp32_inputs_like_bf16():
     """Inputs that are not bf16-exact are rounded first: the result is the fp32 one of the rounded
     inputs, and within bf16's precision of the unrounded one."""
-    from charrnn.models import linear_head
+    from charrnn.kernels.fused import linear_head
     g = torch.Generator().manual_seed(1)
     H, W, b = torch.randn(64, 32, generator=g), torch.randn(32, 28, generator=g), torch.randn(28, generator=g)
     Y = linear_head(H, W, b, True)
@@ -318,15 +325,14 @@ def test_bf16_head_rounds_fp32_inputs_like_bf16():
 def test_bf16_head_takes_the_recurrences_copy(monkeypatch):
     """Training in bf16, the scratch model's head reads the forward loop's bf16 copy of H (no
     second conversion), and follows the fp32 model."""
-    from charrnn import models
+    from charrnn.kernels import fused
     seen = []
-    real = models.LinearBF16.apply
-    monkeypatch.setattr(models.LinearBF16, "apply", lambda H, W, b, Hb: seen.append(Hb) or real(H, W, b, Hb))
+    real = fused.LinearBF16.apply
+    monkeypatch.setattr(fused.LinearBF16, "apply", lambda H, W, b, Hb: seen.append(Hb) or real(H, W, b, Hb))
     X = torch.randint(0, 28, (32, 10), generator=torch.Generator().manual_seed(0))
     results = []
     for precision in ("fp32", "bf16"):
-        model = build_model(ModelConfig("scratch", 28, 64), seed=0)
-        model.precision = precision
+        model = use(build_model(ModelConfig("scratch", 28, 64), seed=0), precision)
         Y, _ = model(X, model.begin_state(32))
         Y.square().sum().backward()
         results.append((Y.detach(), *[p.grad for p in model.parameters()]))
@@ -337,9 +343,8 @@ def test_bf16_head_takes_the_recurrences_copy(monkeypatch):
 
 @needs_amx_head
 def test_bf16_copy_is_dropped_when_H_changes():
-    from charrnn.models import bf16_copy
-    model = build_model(ModelConfig("scratch", 28, 32), seed=0)
-    model.precision = "bf16"
+    from charrnn.kernels.fused import bf16_copy
+    model = use(build_model(ModelConfig("scratch", 28, 32), seed=0), "bf16")
     Hs, _ = model.features(torch.randint(0, 28, (32, 4)), model.begin_state(32))
     assert torch.equal(bf16_copy(Hs), Hs.detach().to(BF))
     with torch.no_grad():
@@ -354,8 +359,7 @@ def test_concise_rnn_head_in_bf16_follows_fp32():
     X = torch.randint(0, 33, (32, 6), generator=torch.Generator().manual_seed(2))
     results = []
     for precision in ("fp32", "bf16"):
-        model = build_model(ModelConfig("rnn", 33, 64), seed=0)
-        model.precision = precision
+        model = use(build_model(ModelConfig("rnn", 33, 64), seed=0), precision)
         Y, _ = model(X, model.begin_state(32))
         assert (Y.grad_fn.name() == "LinearBF16Backward") == (precision == "bf16")  # the tiles, not a fallback
         Y.square().sum().backward()
@@ -368,8 +372,8 @@ def test_concise_rnn_head_in_bf16_follows_fp32():
 
 def test_bf16_head_falls_back_to_fp32(monkeypatch):
     """Tokens that do not fill whole tiles, or no C library: the fp32 output layer, exactly."""
-    from charrnn import native
-    from charrnn.models import linear_head
+    from charrnn.kernels import bf16 as native
+    from charrnn.kernels.fused import linear_head
     for tokens, h in [(40, 64), (64, 48)]:                     # 40 tokens; h = 48: not multiples of 32
         H, W, b, _ = head_operands(tokens, h, 28, False)
         assert linear_head(H, W, b, True).grad_fn.name() == "AddmmBackward0"
@@ -382,7 +386,7 @@ def test_bf16_head_falls_back_to_fp32(monkeypatch):
 
 @needs_amx_head
 def test_native_head_checks_its_arguments():
-    from charrnn import native
+    from charrnn.kernels import bf16 as native
     loops = native.loops()
     H, W, b = torch.zeros(64, 32), torch.zeros(32, 28), torch.zeros(28)
     with pytest.raises(ValueError, match="H must be"):

@@ -15,7 +15,7 @@ from charrnn.device import available_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_KEYS = {"model", "hidden", "epochs", "sampling", "device", "perplexity", "val_perplexity",
-             "tokens_per_s", "wall_s", "sample"}
+             "tokens_per_s", "wall_s", "sample", "kernel", "precision"}
 
 
 def cli(*args, env=None):

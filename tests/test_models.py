@@ -1,11 +1,17 @@
-"""Models: the oracle test against torch.nn, fused against the seed's loop, shapes for every kind."""
+"""Models: the oracle test against torch.nn, every fp32 kernel against the seed's loop, shapes for
+every kind."""
 import pytest
 import torch
 from torch import nn
 
+from charrnn import kernels
+from charrnn.kernels.fused import cudnn_tanh_layer, tanh_rnn_layer
 from charrnn.models import KINDS, ModelConfig, RNNModel, RNNScratch, build_model, detach_state
 
 V, H, B, S = 28, 16, 3, 5
+# every fp32 kernel that runs the tanh RNNs on this CPU (the C ones where they build)
+FP32 = [name for name, why in kernels.choices(ModelConfig("scratch", V, H), "cpu").items()
+        if why is None and not name.endswith("-bf16")]
 
 
 def batch(seed=0):
@@ -27,13 +33,14 @@ def state_sum(state):
     return sum(s.square().sum() for s in state) if isinstance(state, tuple) else state.square().sum()
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_scratch_matches_nn_rnn(fused):
+@pytest.mark.parametrize("kernel", FP32)
+def test_scratch_matches_nn_rnn(kernel):
     """Oracle: the from-scratch RNN with weights copied from nn.RNN gives nn.RNN's outputs and gradients."""
     torch.manual_seed(0)
     ref = nn.RNN(V, H)
     out = nn.Linear(H, V)
-    ours = RNNScratch(ModelConfig("scratch", V, H), fused=fused)
+    ours = RNNScratch(ModelConfig("scratch", V, H))
+    ours.kernel = kernels.select(ours.config, "cpu", name=kernel)
     with torch.no_grad():
         ours.W_xh.copy_(ref.weight_ih_l0.T)
         ours.W_hh.copy_(ref.weight_hh_l0.T)
@@ -53,13 +60,14 @@ def test_scratch_matches_nn_rnn(fused):
     torch.testing.assert_close(ours.W_hq.grad, out.weight.grad.T)
 
 
+@pytest.mark.parametrize("kernel", [k for k in FP32 if k != "reference"])
 @pytest.mark.parametrize("kind, layers", [("scratch", 1), ("rnn", 1), ("rnn", 3)])
-def test_fused_equals_step_loop(kind, layers):
-    """The fused recurrence gives the seed's loop's outputs, state and gradients."""
+def test_fused_equals_step_loop(kind, layers, kernel):
+    """Every fused kernel gives the seed's loop's outputs, state and gradients."""
     cfg = ModelConfig(kind, V, H, num_layers=layers)
     torch.manual_seed(1)
-    slow = build_model(cfg, fused=False)
-    fast = build_model(cfg, fused=True)
+    slow = build_model(cfg, kernel="reference")
+    fast = build_model(cfg, kernel=kernel)
     fast.load_state_dict(slow.state_dict())
     X = batch(1)
     state = slow.begin_state(B)
@@ -78,10 +86,10 @@ def test_scratch_on_cudnns_rnn_equals_step_loop(monkeypatch):
     same call runs on the CPU (PyTorch's own kernel), so the mapping is checked here."""
     cfg = ModelConfig("scratch", V, H)
     torch.manual_seed(1)
-    slow = build_model(cfg, fused=False)
-    fast = build_model(cfg, fused=True)
+    slow = build_model(cfg, kernel="reference")
+    fast = build_model(cfg, kernel="reference")
     fast.load_state_dict(slow.state_dict())
-    monkeypatch.setattr(fast, "features", fast._features_cudnn)
+    fast.kernel = kernels.Kernel("cudnn", layer=lambda *args: cudnn_tanh_layer(*args)[0])
     X, state = batch(1), (slow.begin_state(B)[0] + 0.3,)
     Y0, s0 = run(slow, X, state)
     Y1, s1 = run(fast, X, state)
@@ -94,7 +102,6 @@ def test_scratch_on_cudnns_rnn_equals_step_loop(monkeypatch):
 
 @pytest.mark.parametrize("ids", [True, False])
 def test_fused_layer_passes_gradcheck(ids):
-    from charrnn.models import tanh_rnn_layer
     dbl = dict(dtype=torch.double, requires_grad=True)
     X = torch.tensor([[0, 2], [1, 1], [2, 0], [1, 2]]) if ids else torch.randn(4, 2, 5, **dbl)
     W_in = torch.randn(3 if ids else 5, 3, **dbl)

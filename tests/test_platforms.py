@@ -7,11 +7,12 @@ import types
 
 import pytest
 
-from charrnn import bench, device, native
+from charrnn import bench, device
+from charrnn.kernels import bf16 as native
 
 
 # -----------------------------------------------------------------------------
-# the C loops (charrnn/native.py): skipped cleanly, and `status()` says why
+# the bf16 C loops (charrnn/kernels/bf16.py): skipped cleanly, and `status()` says why
 
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
