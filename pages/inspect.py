@@ -1,6 +1,11 @@
 """Inspect: the seed's tensors, shapes and hidden states, live.
 
 Widgets, tables and Plotly figures only; every number comes from charrnn.inspection.
+
+The sections are lazy tabs: a run draws only the open tab, so a visit costs the work of one
+section. A section that needs another one's settings (the shape trace: the worked example's
+model; the perplexity: the model and text of "Inside a trained model") reads them from the
+session, where those widgets keep their values while their tab is closed.
 """
 from __future__ import annotations
 
@@ -10,12 +15,11 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
 from charrnn import inspection as ins
-from charrnn.data import printable
+from charrnn.data import Vocab, printable
 from charrnn.models import ModelConfig
-from pages.common import model_picker, seed_vocab, through_router
+from pages.common import Picked, model_picker, seed_vocab, through_router
 
 through_router()
 
@@ -25,7 +29,13 @@ KIND_LABELS = {"scratch": "scratch RNN", "rnn": "nn.RNN", "gru": "nn.GRU", "lstm
 MAX_STEPS_DRAWN, MAX_BATCH_DRAWN = 6, 16   # one-hot heatmaps: a few thousand cells at most
 WINDOW = 120                               # characters per heatmap of a text
 MAX_UNITS_DRAWN = 64                       # hidden units in the heatmap, largest variance first
-MAX_PAGE_HIDDEN = 512                      # the demo model is rebuilt and run on every rerun: keep it quick
+MAX_PAGE_HIDDEN = 512                      # the demo model is built and run for the page: keep it quick
+TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity"]
+# the worked example's widgets and their defaults (the shape trace reads them with its tab closed)
+EXAMPLE = {"inspect_batch": 2, "inspect_steps": 5, "inspect_kind": "scratch", "inspect_hidden": 512,
+           "inspect_layers": 1, "inspect_bidir": False}
+DIGITS = 3                                 # decimals of the floats sent to a heatmap (hover shows 2)
+MARGIN = dict(l=10, r=10, t=30, b=10)
 
 
 def fmt(shape) -> str:
@@ -45,78 +55,134 @@ def activation_colour(a: float) -> str:
     return f"rgb(255,{fade},{fade})" if a < 0 else f"rgb({fade},{fade},255)"
 
 
-def small_layout(fig: go.Figure, height: int) -> go.Figure:
-    fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10))
-    return fig
+def kept(key: str, default):
+    """A widget's value on a run that does not draw it (its tab is closed): the session keeps it
+    (persist_state="session"); before the widget was ever drawn, its default."""
+    return st.session_state.get(key, default)
+
+
+def rounded(rows) -> list:
+    """A tensor's values as lists of floats with DIGITS decimals: a third of the JSON of float32
+    values written out in full."""
+    return rows.double().mul(10 ** DIGITS).round().div(10 ** DIGITS).tolist()
 
 
 # -----------------------------------------------------------------------------
+# cached work: the same for every session, so built once per process
 
-st.title("Inspect")
-st.caption("The shapes the seed talks about, live: change the numbers and every shape follows.")
+@st.cache_data(ttl=60, show_spinner=False)
+def vocab_tokens() -> list[str]:
+    """seed_vocab()'s tokens (read from the shipped checkpoint's metadata), once a minute at most."""
+    return seed_vocab().idx_to_token
 
-tab_example, tab_trace, tab_concat, tab_inside, tab_ppl = st.tabs(
-    ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity"])
 
-# ---- the seed's worked example ------------------------------------------------
-with tab_example:
-    st.subheader("One-hot encoding of a (batch, steps) batch")
-    c1, c2, c3, c4, c5, c6 = st.columns([1, 1, 1.4, 1, 1, 1.3], vertical_alignment="bottom")
-    batch = c1.number_input("Batch size", 1, 64, 2, key="inspect_batch", persist_state="session")
-    steps = c2.number_input("Steps", 1, 64, 5, key="inspect_steps", persist_state="session")
-    kind = c3.selectbox("Model", list(KIND_LABELS), format_func=KIND_LABELS.get, key="inspect_kind",
-                        persist_state="session",
-                        help="scratch: the seed's RNNModelScratch with explicit W_xh, W_hh, b_h, W_hq, b_q; "
-                             "the others: the seed's concise RNNModel over a torch.nn layer.")
-    hidden = c4.number_input("Hidden size", 1, MAX_PAGE_HIDDEN, 512, key="inspect_hidden",
-                             persist_state="session")
-    layers = c5.number_input("Layers", 1, 3, 1, key="inspect_layers", persist_state="session")
-    bidirectional = c6.toggle("Bidirectional", key="inspect_bidir", persist_state="session")
-    vocab = seed_vocab()
-    V = len(vocab)
+@st.cache_resource(max_entries=16, show_spinner=False)
+def demo_model(kind: str, vocab_size: int, hidden: int, layers: int, bidirectional: bool):
+    """The untrained model of the worked example (repeatable weights, eval mode, only read)."""
+    return ins.demo_model(ModelConfig(kind, vocab_size, hidden, layers, bidirectional))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def layer_example(kind: str, vocab_size: int, hidden: int, layers: int, bidirectional: bool,
+                  batch: int, steps: int) -> ins.LayerExample:
+    return ins.layer_example(kind, vocab_size, hidden, layers, bidirectional, batch, steps)
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def onehot_figure(batch: int, steps: int, labels: tuple[str, ...]) -> go.Figure:
+    """The worked example's one-hot heatmaps, one per drawn step, stacked, every column labelled
+    with its token. Built as a dict (no make_subplots), validated once, and kept: st.plotly_chart
+    only copies a Figure it is given."""
+    V = len(labels)
+    ex = ins.seed_onehot_example(batch, steps, V)
+    n_t, n_b = min(steps, MAX_STEPS_DRAWN), min(batch, MAX_BATCH_DRAWN)
+    # every step's heatmap has its own column labels, the token of each one-hot index (the bottom
+    # axis alone was far from the top ones); in pixels: a row per sequence, a gap for labels and title
+    row_px, gap_px = 20 + 18 * n_b, 56
+    height = 40 + 30 + n_t * row_px + (n_t - 1) * gap_px     # margins, the bottom labels, the plots
+    gap = gap_px / (height - 70)                              # as a fraction of the plot area
+    row = (1 - (n_t - 1) * gap) / n_t
+    seqs = [f"seq {b}" for b in range(n_b)]
+    data, layout = [], {"height": height, "margin": MARGIN, "annotations": []}
+    for t in range(n_t):
+        n = "" if t == 0 else str(t + 1)                      # axis ids x, x2, ... top to bottom
+        top = 1 - t * (row + gap)
+        data.append({"type": "heatmap", "xaxis": f"x{n}", "yaxis": f"y{n}",
+                     "z": ex.onehot[t, :n_b].tolist(), "x": list(range(V)), "y": seqs, "zmin": 0, "zmax": 1,
+                     "customdata": [list(labels)] * n_b, "colorscale": [[0, "#f4f4f4"], [1, "#1f77b4"]],
+                     "showscale": False, "xgap": 1, "ygap": 1,
+                     "hovertemplate": "seq %{y}, token %{customdata} (id %{x}): %{z}<extra></extra>"})
+        # all V labels, on every step (Plotly thins a crowded axis), upright: Plotly would turn
+        # every letter on its side for the one wide label, <unk>
+        layout[f"xaxis{n}"] = {"anchor": f"y{n}", "domain": [0, 1], "tickmode": "array",
+                               "tickvals": list(range(V)), "ticktext": list(labels), "showticklabels": True,
+                               "tickangle": 0, "tickfont": {"family": "monospace", "size": 11}}
+        if t < n_t - 1:
+            layout[f"xaxis{n}"]["matches"] = f"x{n_t}"        # shared x, as make_subplots(shared_xaxes)
+        layout[f"yaxis{n}"] = {"anchor": f"x{n}", "domain": [max(top - row, 0), top],
+                               "autorange": "reversed", "type": "category"}
+        layout["annotations"].append({"text": f"t = {t}: one_hot(X.T[{t}])  ({batch}, {V})", "x": 0.5, "y": top,
+                                      "xref": "paper", "yref": "paper", "xanchor": "center",
+                                      "yanchor": "bottom", "showarrow": False, "font": {"size": 12}})
+    return go.Figure({"data": data, "layout": layout})
+
+
+def char_axis(xs: list[int], ticks: list[str]) -> dict:
+    """An x axis labelled with the characters of the text window."""
+    return {"tickmode": "array", "tickvals": xs, "ticktext": ticks, "tickangle": 0,
+            "tickfont": {"family": "monospace"}}
+
+
+# -----------------------------------------------------------------------------
+# the sections
+
+def worked_example_settings(draw: bool):
+    """The worked example's batch, steps and model: its widgets when `draw`, else their kept values."""
+    if draw:
+        c1, c2, c3, c4, c5, c6 = st.columns([1, 1, 1.4, 1, 1, 1.3], vertical_alignment="bottom")
+        batch = c1.number_input("Batch size", 1, 64, 2, key="inspect_batch", persist_state="session")
+        steps = c2.number_input("Steps", 1, 64, 5, key="inspect_steps", persist_state="session")
+        kind = c3.selectbox("Model", list(KIND_LABELS), format_func=KIND_LABELS.get, key="inspect_kind",
+                            persist_state="session",
+                            help="scratch: the seed's RNNModelScratch with explicit W_xh, W_hh, b_h, W_hq, "
+                                 "b_q; the others: the seed's concise RNNModel over a torch.nn layer.")
+        hidden = c4.number_input("Hidden size", 1, MAX_PAGE_HIDDEN, 512, key="inspect_hidden",
+                                 persist_state="session")
+        layers = c5.number_input("Layers", 1, 3, 1, key="inspect_layers", persist_state="session")
+        bidirectional = c6.toggle("Bidirectional", key="inspect_bidir", persist_state="session")
+    else:
+        batch, steps, kind, hidden, layers, bidirectional = (kept(k, v) for k, v in EXAMPLE.items())
     if kind == "scratch" and (layers > 1 or bidirectional):
-        st.info("The from-scratch RNN has one unidirectional layer, as in the seed, so layers and "
-                "bidirectional are ignored for it; pick nn.RNN, nn.GRU or nn.LSTM to use them.")
+        if draw:
+            st.info("The from-scratch RNN has one unidirectional layer, as in the seed, so layers and "
+                    "bidirectional are ignored for it; pick nn.RNN, nn.GRU or nn.LSTM to use them.")
         layers, bidirectional = 1, False
-    config = ModelConfig(kind, V, int(hidden), int(layers), bool(bidirectional))
-    ex = ins.seed_onehot_example(int(batch), int(steps), V)
+    return int(batch), int(steps), kind, int(hidden), int(layers), bool(bidirectional)
+
+
+def worked_example(vocab: Vocab) -> None:
+    st.subheader("One-hot encoding of a (batch, steps) batch")
+    batch, steps, kind, hidden, layers, bidirectional = worked_example_settings(draw=True)
+    V = len(vocab)
+    ex = ins.seed_onehot_example(batch, steps, V)
     st.code(f"{ex.code}   # X.shape = {fmt(ex.X.shape)} = (batch, steps)\n"
             f"F.one_hot(X.T, {V}).shape   # {fmt(ex.onehot.shape)} = (steps, batch, vocab)")
     st.markdown(f"One-hot shape **{fmt(ex.onehot.shape)}**: the batch is transposed so the first axis "
                 f"is time; step t is a ({batch}, {V}) matrix with a single 1 per row, in the column "
                 f"of that row's token." + (f" Ids above {V - 1} are taken modulo {V}." if ex.wrapped else ""))
-    n_t, n_b = min(int(steps), MAX_STEPS_DRAWN), min(int(batch), MAX_BATCH_DRAWN)
-    # every step's heatmap has its own column labels, the token of each one-hot index (the bottom
-    # axis alone was far from the top ones); in pixels: a row per sequence, a gap for labels and title
-    row_px, gap_px = 20 + 18 * n_b, 56
-    height = 40 + 30 + n_t * row_px + (n_t - 1) * gap_px     # margins, the bottom labels, the plots
-    fig = make_subplots(rows=n_t, cols=1, shared_xaxes=True, vertical_spacing=gap_px / (height - 70),
-                        subplot_titles=[f"t = {t}: one_hot(X.T[{t}])  ({batch}, {V})" for t in range(n_t)])
-    labels = [vocab.label(i) for i in range(V)]              # '<unk>', '␣', 'e', ...
-    for t in range(n_t):
-        z = ex.onehot[t, :n_b].tolist()                            # (n_b, vocab)
-        fig.add_trace(go.Heatmap(z=z, x=list(range(V)), y=[f"seq {b}" for b in range(n_b)], zmin=0, zmax=1,
-                                 customdata=[labels] * n_b, colorscale=[[0, "#f4f4f4"], [1, "#1f77b4"]],
-                                 showscale=False, xgap=1, ygap=1,
-                                 hovertemplate="seq %{y}, token %{customdata} (id %{x}): %{z}<extra></extra>"),
-                      row=t + 1, col=1)
-    # all V labels, on every step (Plotly thins a crowded axis, and shared x axes label the bottom one
-    # only), upright: Plotly would turn every letter on its side for the one wide label, <unk>
-    fig.update_xaxes(tickmode="array", tickvals=list(range(V)), ticktext=labels, showticklabels=True,
-                     tickangle=0, tickfont=dict(family="monospace", size=11))
-    fig.update_yaxes(autorange="reversed", type="category")
-    fig.update_annotations(font_size=12)
-    st.plotly_chart(small_layout(fig, height), width="stretch", key="inspect_onehot_fig")
+    n_t, n_b = min(steps, MAX_STEPS_DRAWN), min(batch, MAX_BATCH_DRAWN)
+    labels = tuple(vocab.label(i) for i in range(V))             # '<unk>', '␣', 'e', ...
+    st.plotly_chart(onehot_figure(batch, steps, labels), width="stretch", key="inspect_onehot_fig")
     if n_t < steps or n_b < batch:
         st.caption(f"Drawn: the first {n_t} of {steps} steps and {n_b} of {batch} sequences.")
 
     st.subheader("Through the model")
-    model = ins.demo_model(config)
+    model = demo_model(kind, V, hidden, layers, bidirectional)
     fw = ins.forward_shapes(model, ex.X)
     if kind == "scratch":
         net = f"RNNModelScratch(vocab_size={V}, num_hiddens={hidden})"
     else:
-        net = f"RNNModel({ins.layer_code(kind, V, int(hidden), int(layers), bool(bidirectional))}, vocab_size={V})"
+        net = f"RNNModel({ins.layer_code(kind, V, hidden, layers, bidirectional)}, vocab_size={V})"
     lines = [f"net = {net}   # untrained: only the shapes matter",
              f"state = net.begin_state({batch})",
              "Y, new_state = net(X, state)",
@@ -156,7 +222,7 @@ with tab_example:
     l_batch = d4.number_input("Batch size", 1, 64, 32, key="inspect_layer_batch", persist_state="session")
     l_steps = d5.number_input("Steps", 1, 64, 35, key="inspect_layer_steps", persist_state="session")
     l_bidir = d6.toggle("Bidirectional", key="inspect_layer_bidir", persist_state="session")
-    le = ins.layer_example(l_kind, V, int(l_hidden), int(l_layers), bool(l_bidir), int(l_batch), int(l_steps))
+    le = layer_example(l_kind, V, int(l_hidden), int(l_layers), bool(l_bidir), int(l_batch), int(l_steps))
     state_lines = ([f"state_new.shape   # {fmt(le.state_shapes[0])}"] if len(le.state_shapes) == 1 else
                    [f"state_new[{i}].shape   # {fmt(s)}" for i, s in enumerate(le.state_shapes)])
     st.code("\n".join([f"rnn_layer = {le.code}",
@@ -170,9 +236,13 @@ with tab_example:
                 + (", h and c" if l_kind == "lstm" else "")
                 + f", {fmt(le.state_shapes[0])} = (directions × layers, batch, hidden).")
 
-# ---- the shape trace ----------------------------------------------------------
-with tab_trace:
+
+def shape_trace(vocab: Vocab) -> None:
     st.subheader("Every stage of one forward pass")
+    batch, steps, kind, hidden, layers, bidirectional = worked_example_settings(draw=False)
+    V = len(vocab)
+    ex = ins.seed_onehot_example(batch, steps, V)
+    model = demo_model(kind, V, hidden, layers, bidirectional)
     st.caption(f"The model and batch of the worked example: {KIND_LABELS[kind]}, hidden {hidden}"
                + (f", {layers} layers" if layers > 1 else "") + (", bidirectional" if bidirectional else "")
                + f"; X = {fmt(ex.X.shape)}, targets = X shifted by one id.")
@@ -188,8 +258,8 @@ with tab_trace:
                            "role": [md(r.role) for r in params.rows]}), hide_index=True)
     st.markdown(f"**Total: {params.total:,} parameters** (= `sum(p.numel() for p in net.parameters())`).")
 
-# ---- the concatenation identity -----------------------------------------------
-with tab_concat:
+
+def concatenation() -> None:
     st.subheader("X W_xh + H W_hh = cat(X, H) cat(W_xh, W_hh)")
     st.markdown("The seed's section *RNN with hidden state*: the input's and the hidden state's "
                 "contributions can be computed as two products, or as one product of the "
@@ -213,160 +283,186 @@ with tab_concat:
     st.caption("Equal up to float32 rounding (about 1e-7): matrix multiplication is the same sums "
                "in another order.")
 
-# ---- inside a trained model ---------------------------------------------------
-with tab_inside:
+
+def read(picked: Picked | None, text: str) -> ins.TextReading | None:
+    if picked is None:
+        return None
+    return ins.read_text(picked.model, picked.vocab, text or "", picked.preprocessing, top_k=3)
+
+
+def inside() -> None:
     picked = model_picker("inspect_model")
     text = st.text_area(f"Text (up to {ins.MAX_TEXT_CHARS:,} characters)", SEED_TEXT,
                         max_chars=ins.MAX_TEXT_CHARS, key="inspect_text", persist_state="session")
-    reading = None
-    if picked is not None:
-        reading = ins.read_text(picked.model, picked.vocab, text or "", picked.preprocessing, top_k=3)
-    if reading is not None and not reading.chars:
+    reading = read(picked, text)
+    if reading is None:
+        return
+    if not reading.chars:
         st.info("Type a text above to see how the model reads it.")
-    elif reading is not None:
-        if picked.preprocessing == "seed":
-            st.caption("This model was trained with the seed's preprocessing (letters lowercased, every other "
-                       "character a space), so it knows 26 letters and the space; the text is lowercased "
-                       "before reading.")
-        if reading.unknown_chars:
-            st.warning("Not in this model's vocabulary, read as <unk> (id 0), which it never saw in "
-                       "training: " + " ".join(repr(c) for c in reading.unknown_chars))
-        if not reading.honest:
-            st.warning("This model is bidirectional: its backward half has already read the character it "
-                       "'predicts', so the guesses and the perplexity below are not honest predictions.")
-        if reading.truncated:
-            st.info(f"Only the first {ins.MAX_TEXT_CHARS:,} characters are read.")
-        n = len(reading.chars)
-        start = 0
-        if n > WINDOW:
-            start = st.slider("Heatmaps from character", 0, n - WINDOW, 0, key="inspect_window",
-                              persist_state="session")
-            start = min(start, n - WINDOW)  # a value kept from a longer text
-            st.caption(f"The heatmaps, the guesses and the loss strip show characters {start} to "
-                       f"{start + WINDOW - 1} of {n}; the coloured text below shows all of them.")
-        window = range(start, min(start + WINDOW, n))
-        xs, ticks = list(window), [printable(reading.chars[i]) for i in window]
+        return
+    if picked.preprocessing == "seed":
+        st.caption("This model was trained with the seed's preprocessing (letters lowercased, every other "
+                   "character a space), so it knows 26 letters and the space; the text is lowercased "
+                   "before reading.")
+    if reading.unknown_chars:
+        st.warning("Not in this model's vocabulary, read as <unk> (id 0), which it never saw in "
+                   "training: " + " ".join(repr(c) for c in reading.unknown_chars))
+    if not reading.honest:
+        st.warning("This model is bidirectional: its backward half has already read the character it "
+                   "'predicts', so the guesses and the perplexity below are not honest predictions.")
+    if reading.truncated:
+        st.info(f"Only the first {ins.MAX_TEXT_CHARS:,} characters are read.")
+    n = len(reading.chars)
+    start = 0
+    if n > WINDOW:
+        start = st.slider("Heatmaps from character", 0, n - WINDOW, 0, key="inspect_window",
+                          persist_state="session")
+        start = min(start, n - WINDOW)  # a value kept from a longer text
+        st.caption(f"The heatmaps, the guesses and the loss strip show characters {start} to "
+                   f"{start + WINDOW - 1} of {n}; the coloured text below shows all of them.")
+    window = range(start, min(start + WINDOW, n))
+    xs, ticks = list(window), [printable(reading.chars[i]) for i in window]
 
-        def char_axis(fig: go.Figure) -> go.Figure:
-            fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=ticks, tickangle=0,
-                             tickfont=dict(family="monospace"))
-            return fig
+    st.subheader("The text as one-hot vectors")
+    V_text = len(picked.vocab)
+    onehot = [[1 if reading.ids[i] == v else 0 for i in window] for v in range(V_text)]
+    token_labels = [picked.vocab.label(v) for v in range(V_text)]
+    # every token labelled (plotly would drop every other label of a crowded category axis)
+    st.plotly_chart({"data": [{"type": "heatmap", "z": onehot, "x": xs, "y": list(range(V_text)),
+                               "showscale": False, "customdata": [[t] * len(xs) for t in token_labels],
+                               "colorscale": [[0, "#f4f4f4"], [1, "#1f77b4"]], "xgap": 1, "ygap": 1,
+                               "hovertemplate": "token %{customdata}<extra></extra>"}],
+                     "layout": {"height": 100 + 14 * min(V_text, 100), "margin": MARGIN,
+                                "xaxis": char_axis(xs, ticks),
+                                "yaxis": {"tickmode": "array", "tickvals": list(range(V_text)),
+                                          "ticktext": token_labels, "autorange": "reversed",
+                                          "tickfont": {"size": 10}}}},
+                    width="stretch", key="inspect_text_onehot")
 
-        st.subheader("The text as one-hot vectors")
-        V_text = len(picked.vocab)
-        onehot = [[1 if reading.ids[i] == v else 0 for i in window] for v in range(V_text)]
-        token_labels = [picked.vocab.label(v) for v in range(V_text)]
-        fig = go.Heatmap(z=onehot, x=xs, y=list(range(V_text)), showscale=False,
-                         customdata=[[t] * len(xs) for t in token_labels],
-                         colorscale=[[0, "#f4f4f4"], [1, "#1f77b4"]], xgap=1, ygap=1,
-                         hovertemplate="token %{customdata}<extra></extra>")
-        fig = char_axis(go.Figure(fig))
-        # every token labelled (plotly would drop every other label of a crowded category axis)
-        fig.update_yaxes(tickmode="array", tickvals=list(range(V_text)), ticktext=token_labels,
-                         autorange="reversed", tickfont=dict(size=10))
-        st.plotly_chart(small_layout(fig, 100 + 14 * min(V_text, 100)), width="stretch",
-                        key="inspect_text_onehot")
+    st.subheader("Hidden state over the text")
+    variances = ins.unit_variances(reading.hidden)
+    order = ins.units_by_variance(reading.hidden)
+    shown = order[:MAX_UNITS_DRAWN]
+    z = rounded(reading.hidden[start:start + WINDOW][:, shown].T)   # (units shown, window)
+    st.plotly_chart({"data": [{"type": "heatmap", "z": z, "x": xs, "y": [f"unit {u}" for u in shown],
+                               "zmin": -1, "zmax": 1, "colorscale": "RdBu", "colorbar": {"thickness": 10},
+                               "hovertemplate": "%{y}, char %{x}: %{z:.2f}<extra></extra>"}],
+                     "layout": {"height": 120 + 9 * len(shown), "margin": MARGIN, "xaxis": char_axis(xs, ticks),
+                                "yaxis": {"type": "category", "autorange": "reversed"}}},
+                    width="stretch", key="inspect_hidden_fig")
+    st.caption(f"Rows: the {len(shown)} of {reading.hidden.shape[1]} units whose activation varies "
+               "most over this text, largest variance on top. Columns: the state after reading each "
+               "character.")
 
-        st.subheader("Hidden state over the text")
-        order = ins.units_by_variance(reading.hidden)
-        variances = ins.unit_variances(reading.hidden)
-        shown = order[:MAX_UNITS_DRAWN]
-        z = reading.hidden[start:start + WINDOW][:, shown].T.tolist()  # (units shown, window)
-        fig = go.Figure(go.Heatmap(z=z, x=xs, y=[f"unit {u}" for u in shown], zmin=-1, zmax=1,
-                                   colorscale="RdBu", colorbar=dict(thickness=10),
-                                   hovertemplate="%{y}, char %{x}: %{z:.2f}<extra></extra>"))
-        fig.update_yaxes(type="category", autorange="reversed")
-        st.plotly_chart(small_layout(char_axis(fig), 120 + 9 * len(shown)), width="stretch",
-                        key="inspect_hidden_fig")
-        st.caption(f"Rows: the {len(shown)} of {reading.hidden.shape[1]} units whose activation varies "
-                   "most over this text, largest variance on top. Columns: the state after reading each "
-                   "character.")
+    st.subheader("One unit, character by character")
+    unit = st.selectbox("Unit (largest variance first; type a number to find any unit)", order,
+                        format_func=lambda u: f"unit {u} — variance {variances[u]:.3f}",
+                        key="inspect_unit", persist_state="session")
+    acts = reading.hidden[:, unit].tolist()
+    spans = "".join(
+        f'<span title="{html.escape(printable(c))}: {a:+.2f}" style="background:{activation_colour(a)};'
+        f'padding:1px 0;">{html.escape(c) if c != chr(10) else "⏎<br>"}</span>'
+        for c, a in zip(reading.chars, acts))
+    st.html(f'<div style="font-family:monospace;font-size:15px;line-height:1.9;white-space:pre-wrap;'
+            f'color:#111;">{spans}</div>'
+            '<div style="font-size:12px;color:#666;">each character is coloured by unit '
+            f'{unit}\'s activation after reading it: <span style="background:{activation_colour(-1)}">'
+            '&nbsp;−1&nbsp;</span> <span style="background:#fff">&nbsp;0&nbsp;</span> '
+            f'<span style="background:{activation_colour(1)};color:#fff">&nbsp;+1&nbsp;</span></div>')
+    profile = ins.unit_profile(reading, unit)
+    fmt_profile = lambda rows: ", ".join(f"'{printable(c)}' {m:+.2f} (×{k})" for c, m, k in rows)
+    st.markdown(f"Unit {unit} is highest after {fmt_profile(profile[:5])}; lowest after "
+                f"{fmt_profile(profile[::-1][:5])}.")
 
-        st.subheader("One unit, character by character")
-        unit = st.selectbox("Unit (largest variance first; type a number to find any unit)", order,
-                            format_func=lambda u: f"unit {u} — variance {variances[u]:.3f}",
-                            key="inspect_unit", persist_state="session")
-        acts = reading.hidden[:, unit].tolist()
-        spans = "".join(
-            f'<span title="{html.escape(printable(c))}: {a:+.2f}" style="background:{activation_colour(a)};'
-            f'padding:1px 0;">{html.escape(c) if c != chr(10) else "⏎<br>"}</span>'
-            for c, a in zip(reading.chars, acts))
-        st.html(f'<div style="font-family:monospace;font-size:15px;line-height:1.9;white-space:pre-wrap;'
-                f'color:#111;">{spans}</div>'
-                '<div style="font-size:12px;color:#666;">each character is coloured by unit '
-                f'{unit}\'s activation after reading it: <span style="background:{activation_colour(-1)}">'
-                '&nbsp;−1&nbsp;</span> <span style="background:#fff">&nbsp;0&nbsp;</span> '
-                f'<span style="background:{activation_colour(1)};color:#fff">&nbsp;+1&nbsp;</span></div>')
-        profile = ins.unit_profile(reading, unit)
-        fmt_profile = lambda rows: ", ".join(f"'{printable(c)}' {m:+.2f} (×{k})" for c, m, k in rows)
-        st.markdown(f"Unit {unit} is highest after {fmt_profile(profile[:5])}; lowest after "
-                    f"{fmt_profile(profile[::-1][:5])}.")
+    st.subheader("What the model expects next")
+    if n < 2:
+        st.info("One character gives guesses but nothing to score them against: type at least two.")
+    cells = []
+    for i in window:
+        p = reading.p_next[i]
+        guesses = "".join(f'<div style="color:#555">{html.escape(printable(tok))} {prob:.2f}</div>'
+                          for tok, prob in reading.top[i])
+        actual = ("" if p is None else
+                  f'<div title="p(next = {html.escape(printable(reading.chars[i + 1]))})" style="font-weight:600;'
+                  f'color:{"#1a7f37" if p >= 0.5 else "#b35900" if p >= 0.1 else "#c62828"}">{p:.2f}</div>')
+        cells.append('<div style="display:inline-block;vertical-align:top;width:46px;margin:0 2px 8px 0;'
+                     'font-family:monospace;font-size:11px;text-align:center;border-left:1px solid #ddd;">'
+                     f'<div style="font-size:16px;font-weight:700">{html.escape(printable(reading.chars[i]))}</div>'
+                     f'{guesses}{actual}</div>')
+    st.html('<div style="line-height:1.3">' + "".join(cells) + "</div>")
+    st.caption("Under each character: the model's three likeliest next characters after reading up to "
+               "it, and (bold) the probability it gave to the character that actually follows — green "
+               "≥ 0.5, orange ≥ 0.1, red below.")
+    st.subheader("Loss per character")
+    # drawn under the character that was predicted: how surprised the model was to see it
+    losses = [None if i == 0 or reading.loss[i - 1] is None else round(reading.loss[i - 1], DIGITS)
+              for i in window]
+    st.plotly_chart({"data": [{"type": "heatmap", "z": [losses], "x": xs, "y": ["loss"], "zmin": 0,
+                               "zmax": max(math.log(V_text) * 2, 1), "colorscale": "Reds",
+                               "colorbar": {"thickness": 10, "title": {"text": "nats"}},
+                               "hovertemplate": "loss %{z:.2f} nats<extra></extra>", "xgap": 1}],
+                     "layout": {"height": 150, "margin": MARGIN, "xaxis": char_axis(xs, ticks)}},
+                    width="stretch", key="inspect_loss_strip")
+    st.caption("Under each character: −log p(this character | the text before it), the surprise of "
+               "the model on seeing it; the first character has no text before it. The mean of the strip "
+               "is the loss whose exp is the perplexity.")
 
-        st.subheader("What the model expects next")
-        if n < 2:
-            st.info("One character gives guesses but nothing to score them against: type at least two.")
-        cells = []
-        for i in window:
-            p = reading.p_next[i]
-            guesses = "".join(f'<div style="color:#555">{html.escape(printable(tok))} {prob:.2f}</div>'
-                              for tok, prob in reading.top[i])
-            actual = ("" if p is None else
-                      f'<div title="p(next = {html.escape(printable(reading.chars[i + 1]))})" style="font-weight:600;'
-                      f'color:{"#1a7f37" if p >= 0.5 else "#b35900" if p >= 0.1 else "#c62828"}">{p:.2f}</div>')
-            cells.append('<div style="display:inline-block;vertical-align:top;width:46px;margin:0 2px 8px 0;'
-                         'font-family:monospace;font-size:11px;text-align:center;border-left:1px solid #ddd;">'
-                         f'<div style="font-size:16px;font-weight:700">{html.escape(printable(reading.chars[i]))}</div>'
-                         f'{guesses}{actual}</div>')
-        st.html('<div style="line-height:1.3">' + "".join(cells) + "</div>")
-        st.caption("Under each character: the model's three likeliest next characters after reading up to "
-                   "it, and (bold) the probability it gave to the character that actually follows — green "
-                   "≥ 0.5, orange ≥ 0.1, red below.")
-        st.subheader("Loss per character")
-        # drawn under the character that was predicted: how surprised the model was to see it
-        losses = [reading.loss[i - 1] if i > 0 else None for i in window]
-        fig = go.Figure(go.Heatmap(z=[losses], x=xs, y=["loss"], zmin=0, zmax=max(math.log(V_text) * 2, 1),
-                                   colorscale="Reds", colorbar=dict(thickness=10, title="nats"),
-                                   hovertemplate="loss %{z:.2f} nats<extra></extra>", xgap=1))
-        st.plotly_chart(small_layout(char_axis(fig), 150), width="stretch", key="inspect_loss_strip")
-        st.caption("Under each character: −log p(this character | the text before it), the surprise of "
-                   "the model on seeing it; the first character has no text before it. The mean of the strip "
-                   "is the loss whose exp is the perplexity.")
 
-# ---- perplexity ---------------------------------------------------------------
-with tab_ppl:
+def perplexity() -> None:
     st.subheader("Perplexity, explained by numbers")
+    picked = model_picker("inspect_model")          # the same widget as in "Inside a trained model"
+    text = kept("inspect_text", SEED_TEXT)
+    reading = read(picked, text)
     if reading is None or reading.perplexity is None:
         st.info("Pick a model and type at least two characters in *Inside a trained model* to see "
                 "their perplexity.")
-    else:
-        pn = ins.perplexity_numbers(reading)
-        a, b, c = st.columns(3)
-        a.metric("Uniform guessing", f"{pn.uniform:.0f}", border=True,
-                 help=f"p = 1/{pn.uniform:.0f} for every character: loss log {pn.uniform:.0f} = "
-                      f"{pn.uniform_loss:.2f} nats")
-        b.metric("Perfect model", f"{pn.best:.0f}", border=True, help="p = 1 for the right character: loss 0")
-        c.metric("This text", f"{pn.actual:.2f}", border=True,
-                 help=f"exp(mean loss) = exp({pn.actual_loss:.3f})")
-        st.table(pd.DataFrame({
-            "": ["uniform guessing", "perfect model", "this text"],
-            "probability of the right character": [f"1/{pn.uniform:.0f} = {1 / pn.uniform:.3f}", "1",
-                                                   f"{math.exp(-pn.actual_loss):.3f} (geometric mean)"],
-            "loss = −log p (nats)": [f"log {pn.uniform:.0f} = {pn.uniform_loss:.3f}", "0",
-                                     f"{pn.actual_loss:.3f} (mean)"],
-            "perplexity = exp(loss)": [f"{pn.uniform:.0f}", "1", f"{pn.actual:.2f}"]}), hide_index=True)
-        st.markdown(
-            f"Perplexity is exp(mean loss per character). A model that spreads its bets evenly over the "
-            f"{pn.uniform:.0f} tokens has loss log {pn.uniform:.0f} = {pn.uniform_loss:.2f} nats and "
-            f"perplexity {pn.uniform:.0f}: it is as unsure as a {pn.uniform:.0f}-sided die. A model always "
-            f"certain and right has loss 0 and perplexity 1. On this text ({pn.n_predictions} predictions) "
-            f"*{picked.label}* has mean loss {pn.actual_loss:.3f} nats, perplexity **{pn.actual:.2f}**: on "
-            f"average as unsure as a choice among {pn.actual:.1f} equally likely characters.")
-        metrics = (picked.meta or {}).get("metrics") or {}
-        if metrics.get("perplexity") is not None:
-            val = metrics.get("val_perplexity")
-            st.markdown(f"For comparison, this checkpoint ended training with perplexity "
-                        f"{metrics['perplexity']:.2f} on its training text"
-                        + (f" and {val:.1f} on the held-out text after it" if val is not None else "")
-                        + ". A large gap means it memorised its training text rather than learning English.")
-        if not reading.honest:
-            st.caption("A bidirectional model's perplexity is not a fair score: it has seen the answers.")
+        return
+    shown = text if len(text) <= 60 else text[:57] + "…"
+    st.caption(f"Scored on the text of *Inside a trained model*: “{shown}” ({len(text):,} characters).")
+    pn = ins.perplexity_numbers(reading)
+    a, b, c = st.columns(3)
+    a.metric("Uniform guessing", f"{pn.uniform:.0f}", border=True,
+             help=f"p = 1/{pn.uniform:.0f} for every character: loss log {pn.uniform:.0f} = "
+                  f"{pn.uniform_loss:.2f} nats")
+    b.metric("Perfect model", f"{pn.best:.0f}", border=True, help="p = 1 for the right character: loss 0")
+    c.metric("This text", f"{pn.actual:.2f}", border=True,
+             help=f"exp(mean loss) = exp({pn.actual_loss:.3f})")
+    st.table(pd.DataFrame({
+        "": ["uniform guessing", "perfect model", "this text"],
+        "probability of the right character": [f"1/{pn.uniform:.0f} = {1 / pn.uniform:.3f}", "1",
+                                               f"{math.exp(-pn.actual_loss):.3f} (geometric mean)"],
+        "loss = −log p (nats)": [f"log {pn.uniform:.0f} = {pn.uniform_loss:.3f}", "0",
+                                 f"{pn.actual_loss:.3f} (mean)"],
+        "perplexity = exp(loss)": [f"{pn.uniform:.0f}", "1", f"{pn.actual:.2f}"]}), hide_index=True)
+    st.markdown(
+        f"Perplexity is exp(mean loss per character). A model that spreads its bets evenly over the "
+        f"{pn.uniform:.0f} tokens has loss log {pn.uniform:.0f} = {pn.uniform_loss:.2f} nats and "
+        f"perplexity {pn.uniform:.0f}: it is as unsure as a {pn.uniform:.0f}-sided die. A model always "
+        f"certain and right has loss 0 and perplexity 1. On this text ({pn.n_predictions} predictions) "
+        f"*{picked.label}* has mean loss {pn.actual_loss:.3f} nats, perplexity **{pn.actual:.2f}**: on "
+        f"average as unsure as a choice among {pn.actual:.1f} equally likely characters.")
+    metrics = (picked.meta or {}).get("metrics") or {}
+    if metrics.get("perplexity") is not None:
+        val = metrics.get("val_perplexity")
+        st.markdown(f"For comparison, this checkpoint ended training with perplexity "
+                    f"{metrics['perplexity']:.2f} on its training text"
+                    + (f" and {val:.1f} on the held-out text after it" if val is not None else "")
+                    + ". A large gap means it memorised its training text rather than learning English.")
+    if not reading.honest:
+        st.caption("A bidirectional model's perplexity is not a fair score: it has seen the answers.")
+
+
+# -----------------------------------------------------------------------------
+# the page
+
+st.title("Inspect")
+st.caption("The shapes the seed talks about, live: change the numbers and every shape follows.")
+
+# lazy tabs: switching tabs reruns the page, and only the open tab's section runs
+tabs = st.tabs(TABS, key="inspect_tab", on_change="rerun")
+vocab = Vocab(idx_to_token=vocab_tokens())
+sections = [lambda: worked_example(vocab), lambda: shape_trace(vocab), concatenation, inside, perplexity]
+for tab, section in zip(tabs, sections):
+    if tab.open:
+        with tab:
+            section()

@@ -1,5 +1,9 @@
 """The Inspect page through streamlit's AppTest: it renders for every model kind, its shapes follow
-the widgets, and odd inputs give a sentence, never an exception."""
+the widgets, and odd inputs give a sentence, never an exception.
+
+The page's sections are lazy tabs (st.tabs with on_change="rerun", key "inspect_tab"): a run draws
+the open one only. AppTest has no tab click, so a test opens a section by setting that key in the
+session, as the browser's click does; test_tabs_in_a_browser clicks the real tabs."""
 import json
 import re
 import shutil
@@ -37,6 +41,16 @@ def rerun(app):
     return text_of(app)
 
 
+TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity"]
+
+
+def open_tab(app, label: str) -> str:
+    """Open a section, as a click on its tab does, and return the page's text."""
+    assert label in TABS
+    app.session_state["inspect_tab"] = label
+    return rerun(app)
+
+
 def test_the_seeds_worked_example(at):
     page = text_of(at)
     assert at.title[0].value == "Inspect"
@@ -48,11 +62,13 @@ def test_the_seeds_worked_example(at):
     assert "rnn_layer = nn.RNN(28, 256)" in page
     assert "Y.shape           # (35, 32, 256)" in page and "state_new.shape   # (1, 32, 256)" in page
     # the shape trace and the parameter table of the same model
+    page = open_tab(at, "Shape trace")
     assert "(10, 28)" in at.table[0].value.to_string()
     params = at.table[1].value
     assert list(params["shape"]) == ["(28, 512)", "(512, 512)", "(512,)", "(512, 28)", "(28,)"]
     assert "Total: 291,356 parameters" in page
     # the concatenation identity
+    page = open_tab(at, "Concatenation")
     assert "(3, 1)(1, 4) + (3, 4)(4, 4)" in page and "(3, 5)(5, 4)" in page
     assert float(next(m.value for m in at.metric if m.label == "Largest absolute difference")) < 1e-5
 
@@ -75,6 +91,9 @@ def test_every_kind_and_the_shapes_follow(at, kind, state_lines):
     assert "Y.shape              # (12, 28)" in page and "12 = 4 × 3 = steps × batch" in page
     for line in state_lines:
         assert line in page
+    page = open_tab(at, "Shape trace")          # the worked example's model and batch, its tab closed
+    assert "The model and batch of the worked example: " + {"scratch": "scratch RNN", "rnn": "nn.RNN", "gru": "nn.GRU",
+                                                            "lstm": "nn.LSTM"}[kind] in page
     trace = at.table[0].value
     assert trace.loc[trace["stage"] == "logits Y\\_hat", "shape"].item() == "(12, 28)"
     assert trace.loc[trace["stage"] == "outputs stacked", "shape"].item() == "(4, 3, 512)"
@@ -91,6 +110,7 @@ def test_bidirectional_layers_and_bad_combinations(at):
     assert not any("one unidirectional layer" in i.value for i in at.info)
     assert "net = RNNModel(nn.LSTM(28, 512, num_layers=2, bidirectional=True), vocab_size=28)" in page
     assert "new_state[0].shape   # (4, 2, 512)" in page  # directions × layers = 4
+    open_tab(at, "Shape trace")
     assert at.table[0].value.loc[lambda t: t["stage"] == "outputs stacked", "shape"].item() == "(5, 2, 1024)"
 
 
@@ -105,10 +125,11 @@ def test_concise_layer_follows_its_widgets(at):
 
 
 def test_inside_the_shipped_model_and_unit_17(at):
-    page = text_of(at)
+    page = open_tab(at, "Perplexity")
     assert "default" in at.selectbox(key="inspect_model").value
     ppl = float(next(m.value for m in at.metric if m.label == "This text"))
     assert 1 <= ppl < 5  # the shipped model knows this sentence; uniform guessing would be 28
+    page = open_tab(at, "Inside a trained model")
     unit = at.selectbox(key="inspect_unit")
     assert unit.options[0].startswith(f"unit {unit.value} — variance")  # the largest variance first
     assert f"unit {unit.value}'s activation" in page
@@ -119,28 +140,38 @@ def test_inside_the_shipped_model_and_unit_17(at):
 
 
 def test_odd_texts(at):
+    open_tab(at, "Inside a trained model")
     at.text_area(key="inspect_text").set_value("")
     rerun(at)
     assert any("Type a text" in i.value for i in at.info)
+    open_tab(at, "Perplexity")
     assert not [m for m in at.metric if m.label == "This text"]
+    assert any("type at least two characters" in i.value for i in at.info)
+    open_tab(at, "Inside a trained model")
     at.text_area(key="inspect_text").set_value("T")
     rerun(at)
     assert any("at least two" in i.value for i in at.info)
     at.text_area(key="inspect_text").set_value("The Time Machine, 1895")
     rerun(at)
     assert any("<unk>" in w.value and "','" in w.value for w in at.warning)
+    page = open_tab(at, "Perplexity")
     assert [m for m in at.metric if m.label == "This text"]
+    assert "“The Time Machine, 1895” (22 characters)" in page
 
 
 def test_untrained_model_is_near_uniform(at):
+    open_tab(at, "Inside a trained model")
     at.selectbox(key="inspect_model").set_value(next(o for o in at.selectbox(key="inspect_model").options
                                                      if o.startswith("Untrained")))
     rerun(at)
+    open_tab(at, "Perplexity")                  # the model picked in the other tab
+    assert at.selectbox(key="inspect_model").value.startswith("Untrained")
     ppl = float(next(m.value for m in at.metric if m.label == "This text"))
     assert 20 < ppl < 36  # random weights: about as unsure as 28 equally likely tokens
 
 
 def test_long_text_window_survives_a_shorter_text(at):
+    open_tab(at, "Inside a trained model")
     at.text_area(key="inspect_text").set_value("the time machine is a novel " * 40)
     rerun(at)
     at.slider(key="inspect_window").set_value(1000)
@@ -162,7 +193,7 @@ def onehot_figure(app) -> dict:
 
 def test_onehot_columns_are_labelled_with_the_vocabulary(at):
     """Every step's heatmap names its columns: the token of each one-hot index, all 28, upright."""
-    for steps, batch in [(5, 2), (3, 4)]:
+    for steps, batch in [(5, 2), (3, 4), (1, 1)]:         # one step: one heatmap, no gap to leave
         at.number_input(key="inspect_steps").set_value(steps)
         at.number_input(key="inspect_batch").set_value(batch)
         rerun(at)
@@ -177,3 +208,87 @@ def test_onehot_columns_are_labelled_with_the_vocabulary(at):
         for trace in figure["data"]:
             assert trace["x"] == list(range(28)) and len(trace["z"]) == batch
             assert trace["customdata"] == [labels] * batch         # the hover names the token too
+
+
+SECTIONS = {  # the subheader each section starts with, and its Plotly charts
+    "Worked example": ("One-hot encoding of a (batch, steps) batch", 1),
+    "Shape trace": ("Every stage of one forward pass", 0),
+    "Concatenation": ("X W_xh + H W_hh = cat(X, H) cat(W_xh, W_hh)", 0),
+    "Inside a trained model": ("The text as one-hot vectors", 3),
+    "Perplexity": ("Perplexity, explained by numbers", 0),
+}
+
+
+@pytest.mark.parametrize("label", TABS)
+def test_each_section_runs_alone(at, label):
+    """Opening a tab runs its section and no other: its heading and charts, none of the others'."""
+    open_tab(at, label)
+    headings = [h.value for h in at.subheader]
+    heading, charts = SECTIONS[label]
+    assert heading in headings
+    assert not [h for other, (h, _) in SECTIONS.items() if other != label and h in headings]
+    assert len(at.get("plotly_chart")) == charts
+
+
+def test_widgets_keep_their_values_while_their_tab_is_closed(at):
+    at.selectbox(key="inspect_kind").set_value("gru")
+    at.number_input(key="inspect_steps").set_value(7)
+    rerun(at)
+    for label in TABS[1:]:
+        open_tab(at, label)
+    open_tab(at, "Inside a trained model")
+    at.text_area(key="inspect_text").set_value("a short text")
+    rerun(at)
+    page = open_tab(at, "Worked example")
+    assert at.selectbox(key="inspect_kind").value == "gru" and at.number_input(key="inspect_steps").value == 7
+    assert "F.one_hot(X.T, 28).shape   # (7, 2, 28)" in page
+    page = open_tab(at, "Inside a trained model")
+    assert at.text_area(key="inspect_text").value == "a short text"
+
+
+# -----------------------------------------------------------------------------
+# the tabs in a real browser: AppTest cannot click a tab
+
+CHROMIUM = "/usr/bin/chromium"
+MARKS = {"Worked example": "One-hot encoding of a (batch, steps) batch", "Shape trace": "Every stage of one forward pass",
+         "Concatenation": "Largest absolute difference", "Inside a trained model": "Hidden state over the text",
+         "Perplexity": "Perplexity, explained by numbers"}   # a text each section alone shows
+CHARTS_DRAWN = """() => {
+    const shown = [...document.querySelectorAll('[data-testid=stPlotlyChart]')].filter(e => e.offsetParent !== null);
+    return shown.length > 0 && shown.every(e => e.querySelector('.main-svg'));
+}"""
+
+
+def test_tabs_in_a_browser(tmp_path):
+    """Each click on a tab draws that section (its charts painted) and drops the one before."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from bench.appserver import CHROMIUM_FLAGS, app_server
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium).")
+    shutil.copy(ROOT / "checkpoints" / "default.safetensors", tmp_path)
+    expect = playwright.expect
+    errors = []
+    with open(tmp_path / "streamlit.log", "w+") as log, \
+            app_server({"CHARRNN_CHECKPOINTS": str(tmp_path), "CHARRNN_OFFLINE": "1"}, log=log) as (_, url), \
+            playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{url}/inspect")
+        expect(page.get_by_text(MARKS["Worked example"])).to_be_visible(timeout=60_000)
+        page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
+        previous = "Worked example"
+        for label in TABS[1:] + TABS[:1]:
+            page.get_by_role("tab", name=label).click()
+            expect(page.get_by_text(MARKS[label])).to_be_visible()
+            expect(page.get_by_text(MARKS[previous])).to_have_count(0)   # lazy: the closed tab is not drawn
+            expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)
+            if SECTIONS[label][1]:
+                page.wait_for_function(CHARTS_DRAWN)
+            previous = label
+        expect(page.get_by_test_id("stException")).to_have_count(0)
+        browser.close()
+        log.seek(0)
+        assert "Traceback" not in log.read()
+    assert not errors, errors
