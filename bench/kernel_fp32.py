@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=35)
     ap.add_argument("--variants", default=",".join(fp32.variants()))
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch's threads for its ops (both sides); 0: the same as the kernel's")
     args = ap.parse_args()
     B, S, V = args.batch, args.steps, 28
     ghz = clock_ghz()
@@ -65,6 +67,7 @@ def main() -> None:
         else:
             print(f"{v}: unavailable: {why}")
     print(f"load average before: {Path('/proc/loadavg').read_text().split()[:3]} on {os.cpu_count()} CPUs")
+    print(f"torch threads: {args.torch_threads or 'as the kernel'}")
     print(f"clock {ghz} GHz (cpu MHz); torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}; batch {B}, steps {S}, medians of {args.reps}")
     print()
@@ -97,7 +100,7 @@ def main() -> None:
         for rep in range(args.reps + 2):                     # 2 warm-up rounds
             order = runs[rep % len(runs):] + runs[:rep % len(runs)]
             for T, name, layer in order:
-                torch.set_num_threads(T)
+                torch.set_num_threads(args.torch_threads or T)
                 for p in (W_in, b, H0, W):
                     p.grad = None
                 t0 = time.perf_counter()

@@ -11,8 +11,9 @@
 X holds token ids (steps, batch) or features (steps, batch, in), W is (h, h) used as H @ W, either
 row-major (the scratch model's W_hh) or a transposed view (nn.RNN's W_hh.t()): the kernel reads it
 through its strides and packs it once per call. The step loops run in C on a team of `threads`
-threads (default: the CPUs this process may use, os.sched_getaffinity); the weight gradient sum_t H_{t-1}^T dA_t, W_in's and b's are
-each one large torch op after the loop, as in TanhRNNLayer.
+threads (default: the CPUs this process may use); the weight gradient sum_t H_{t-1}^T dA_t and
+W_in's and b's gradients are each one large torch op after the loop, as in TanhRNNLayer. Only
+float32 CPU tensors: a selector should send anything else to TanhRNNLayer.
 
 Each variant is the same C file compiled with its own -march (x86-64-v4 with 512-bit vectors,
 x86-64-v3, or the compiler's default), built on first use into build/ beside the package
