@@ -70,12 +70,6 @@ def rounded(rows) -> list:
 # -----------------------------------------------------------------------------
 # cached work: the same for every session, so built once per process
 
-@st.cache_data(ttl=60, show_spinner=False)
-def vocab_tokens() -> list[str]:
-    """seed_vocab()'s tokens (read from the shipped checkpoint's metadata), once a minute at most."""
-    return seed_vocab().idx_to_token
-
-
 @st.cache_resource(max_entries=16, show_spinner=False)
 def demo_model(kind: str, vocab_size: int, hidden: int, layers: int, bidirectional: bool):
     """The untrained model of the worked example (repeatable weights, eval mode, only read)."""
@@ -460,7 +454,7 @@ st.caption("The shapes the seed talks about, live: change the numbers and every 
 
 # lazy tabs: switching tabs reruns the page, and only the open tab's section runs
 tabs = st.tabs(TABS, key="inspect_tab", on_change="rerun")
-vocab = Vocab(idx_to_token=vocab_tokens())
+vocab = seed_vocab()     # a quarter of a millisecond: the checkpoint's header only
 sections = [lambda: worked_example(vocab), lambda: shape_trace(vocab), concatenation, inside, perplexity]
 for tab, section in zip(tabs, sections):
     if tab.open:
