@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch                                            # noqa: E402
 
 from charrnn.kernels import fp32                        # noqa: E402
-from charrnn.models import TanhRNNLayer                 # noqa: E402
+from charrnn.kernels.fused import TanhRNNLayer          # noqa: E402
 
 FLOPS_PER_CYCLE = {"avx512-fp32": 64, "avx2-fp32": 32, "generic-fp32": 16}
 

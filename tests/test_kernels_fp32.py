@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charrnn.kernels import fp32
-from charrnn.models import TanhRNNLayer
+from charrnn.kernels.fused import TanhRNNLayer
 
 
 def _kernel_or_skip(variant):

@@ -7,8 +7,8 @@
     kernel.backward(dH, H, W, threads)         # (dA, dH0): dA[t] = (dH[t] + dA[t+1] @ W^T) * (1 - H[t]^2)
     Hs = tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant=None, threads=None)   # an autograd op
 
-`TanhRNNFp32` has the interface and the gradients of charrnn.models.TanhRNNLayer with bf16=False:
-X holds token ids (steps, batch) or features (steps, batch, in), W is (h, h) used as H @ W, either
+`TanhRNNFp32` has the interface and the gradients of charrnn.kernels.fused.TanhRNNLayer with
+bf16=False: X holds token ids (steps, batch) or features (steps, batch, in), W is (h, h) used as H @ W, either
 row-major (the scratch model's W_hh) or a transposed view (nn.RNN's W_hh.t()): the kernel reads it
 through its strides and packs it once per call. The step loops run in C on a team of `threads`
 threads (default: the CPUs this process may use); the weight gradient sum_t H_{t-1}^T dA_t and
@@ -272,7 +272,7 @@ def kernel(variant: str | None = None) -> Kernel:
 
 
 class TanhRNNFp32(torch.autograd.Function):
-    """charrnn.models.TanhRNNLayer (bf16=False) with its step loops in C:
+    """charrnn.kernels.fused.TanhRNNLayer (bf16=False) with its step loops in C:
 
         A_t = x_t W_in + b + H_{t-1} W,   H_t = tanh(A_t)     for t = 0 .. steps-1
 
