@@ -200,6 +200,3 @@ def detach_state(state):
     if isinstance(state, tuple):
         return tuple(s.detach() for s in state)
     return state.detach()
-
-
-from .kernels.fused import TanhRNNLayer  # noqa: E402,F401  TEMPORARY: until tests/test_kernels_fp32.py imports it from kernels
