@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import math
 
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -232,6 +231,7 @@ def worked_example(vocab: Vocab) -> None:
 
 
 def shape_trace(vocab: Vocab) -> None:
+    import pandas as pd     # here, not at the top: the worked example, open first, needs no pandas
     st.subheader("Every stage of one forward pass")
     batch, steps, kind, hidden, layers, bidirectional = worked_example_settings(draw=False)
     V = len(vocab)
@@ -254,6 +254,7 @@ def shape_trace(vocab: Vocab) -> None:
 
 
 def concatenation() -> None:
+    import pandas as pd
     st.subheader("X W_xh + H W_hh = cat(X, H) cat(W_xh, W_hh)")
     st.markdown("The seed's section *RNN with hidden state*: the input's and the hidden state's "
                 "contributions can be computed as two products, or as one product of the "
@@ -403,6 +404,7 @@ def inside() -> None:
 
 
 def perplexity() -> None:
+    import pandas as pd
     st.subheader("Perplexity, explained by numbers")
     picked = model_picker("inspect_model")          # the same widget as in "Inside a trained model"
     text = kept("inspect_text", SEED_TEXT)
