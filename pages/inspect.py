@@ -414,6 +414,7 @@ def perplexity() -> None:
                 "their perplexity.")
         return
     shown = text if len(text) <= 60 else text[:57] + "…"
+    shown = "".join("\\" + c if c in "\\`*_[]$~#<>" else c for c in " ".join(shown.split()))  # as typed, not Markdown
     st.caption(f"Scored on the text of *Inside a trained model*: “{shown}” ({len(text):,} characters).")
     pn = ins.perplexity_numbers(reading)
     a, b, c = st.columns(3)

@@ -246,6 +246,15 @@ def test_widgets_keep_their_values_while_their_tab_is_closed(at):
     assert at.text_area(key="inspect_text").value == "a short text"
 
 
+def test_perplexity_quotes_the_text_as_typed(at):
+    """The perplexity tab quotes the text it scores; Markdown or LaTeX in it is not rendered."""
+    open_tab(at, "Inside a trained model")
+    at.text_area(key="inspect_text").set_value("a *bold* $x$ text")
+    rerun(at)
+    open_tab(at, "Perplexity")
+    assert any("“a \\*bold\\* \\$x\\$ text” (17 characters)" in c.value for c in at.caption)
+
+
 # -----------------------------------------------------------------------------
 # the tabs in a real browser: AppTest cannot click a tab
 
