@@ -95,8 +95,10 @@ def seed_vocab() -> Vocab:
         return Vocab(list(" etaoinshrdlcumwfgypbvkxjqz"))
 
 
+@st.cache_resource
 def _untrained() -> Picked:
-    """The seed's picture before training: a scratch RNN-512 with random weights over the 28 tokens."""
+    """The seed's picture before training: a scratch RNN-512 with random weights over the 28 tokens
+    (built once per process: the pages only read it)."""
     vocab = seed_vocab()
     model = build_model(ModelConfig("scratch", len(vocab), 512), seed=0).eval()
     return Picked(UNTRAINED, model, vocab, "seed", None)

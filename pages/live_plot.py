@@ -36,6 +36,17 @@ SCRIPT_URL = f"app/static/{PLOTLY_JS}?v={plotly.__version__}"
 # chart unmounts (another page, or a rerun without it) and frees Plotly's div and listeners.
 JS = f"""
 export default function ({{ data, parentElement }}) {{
+  if (!window.Plotly && !window.charrnnPlotly) {{
+    window.charrnnPlotly = new Promise((resolve, reject) => {{
+      const script = document.createElement("script");
+      script.src = "{SCRIPT_URL}";
+      script.onload = resolve;
+      script.onerror = () => {{ window.charrnnPlotly = null; reject(); }};  // the next draw tries again
+      document.head.appendChild(script);
+    }});
+    window.charrnnPlotly.catch(() => {{}});                 // a preload's failure is reported by the next draw
+  }}
+  if (!data) return;                                        // preload_plotly(): the script only
   let div = parentElement.querySelector("div.charrnn-plot");
   if (!div) {{
     div = document.createElement("div");
@@ -51,15 +62,6 @@ export default function ({{ data, parentElement }}) {{
     for (const axis of ["xaxis", "yaxis"]) layout[axis] = {{ gridcolor: grid, zerolinecolor: grid, ...layout[axis] }};
     window.Plotly.react(div, data.data, layout, {{ displaylogo: false, responsive: true }});
   }};
-  if (!window.Plotly && !window.charrnnPlotly) {{
-    window.charrnnPlotly = new Promise((resolve, reject) => {{
-      const script = document.createElement("script");
-      script.src = "{SCRIPT_URL}";
-      script.onload = resolve;
-      script.onerror = () => {{ window.charrnnPlotly = null; reject(); }};  // the next draw tries again
-      document.head.appendChild(script);
-    }});
-  }}
   if (window.Plotly) draw();
   else window.charrnnPlotly.then(draw, () => {{ div.textContent = "The chart could not load plotly.js."; }});
   return () => window.Plotly?.purge(div);
@@ -93,6 +95,13 @@ def plotly_served() -> bool:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         return False
+
+
+def preload_plotly() -> None:
+    """Have the browser fetch plotly.js now, before the first live chart needs it: a page that will
+    draw one calls this first, so Start is followed by a chart rather than by the download."""
+    if plotly_served():
+        _component(data=None, key="plotly_preload", height="content")
 
 
 def live_plot(figure: dict, key: str) -> None:

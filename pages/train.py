@@ -17,7 +17,7 @@ from charrnn.jobs import JobBusy, Snapshot
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
 from charrnn.train import KERNELS, MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig
 from pages.common import corpus_for, registry, through_router, timemachine_problem
-from pages.live_plot import live_plot
+from pages.live_plot import live_plot, preload_plotly
 
 through_router()
 
@@ -302,6 +302,7 @@ if stop and running is not None:
     running.stop(timeout=2.0)
     st.rerun()
 
+preload_plotly()  # fetched while the user reads the settings, not after Start
 if not all_jobs:
     st.info(blocked or "Press **Start** to train with the seed's settings; the perplexity curve appears here "
                        "and falls live.")

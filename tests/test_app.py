@@ -34,7 +34,8 @@ def strict_json(text: str):
 
 def live_charts(at) -> list[dict]:
     """The Train page's live charts (pages/live_plot.py), as the figures the browser receives."""
-    return [strict_json(c.proto.json) for c in at.get("bidi_component") if c.proto.component_name.endswith("live_plot")]
+    return [strict_json(c.proto.json) for c in at.get("bidi_component")
+            if c.proto.component_name.endswith("live_plot") and c.proto.json not in ("", "null")]  # not the preload
 
 
 def chart_points(at, index=0) -> int:
