@@ -305,3 +305,46 @@ def test_unavailable_says_why(env, tmp_path):
                             cwd=str(fp32.SOURCE.parent.parent.parent))
     assert result.returncode == 0, result.stderr
     assert ("no C compiler" in result.stdout) == ("CC" in env)
+
+
+def test_generation_loop_checks_its_inputs(variant):
+    k = fp32.kernel(variant)
+    h, V = 20, 5
+    E, W, O, bo = torch.randn(V, h), torch.randn(h, h), torch.randn(h, V), torch.randn(V)
+    with pytest.raises(ValueError):
+        fp32.GenerationLoop(k, E, W.double(), O, bo)
+    with pytest.raises(ValueError):
+        fp32.GenerationLoop(k, E, W, O.t(), bo)
+    loop = fp32.GenerationLoop(k, E, W, O, bo)
+    with pytest.raises(ValueError):
+        loop.run(torch.zeros(h + 1), None, 0, 3)                       # wrong state size
+    with pytest.raises(ValueError):
+        loop.run(torch.zeros(h), None, V, 3)                           # token outside the vocabulary
+    with pytest.raises(ValueError):
+        loop.run(torch.zeros(h), None, -1, 3)                          # no logits to pick the first from
+    with pytest.raises(ValueError):
+        loop.run(torch.zeros(h), None, 0, 3, temperature=1.0)          # sampling without uniforms
+    hs = torch.zeros(h)
+    tokens, n = loop.run(hs, None, 1, 4, temperature=1.0, u=torch.rand(4, dtype=torch.float64))
+    assert n == 4 and tokens[0] == 1 and all(0 <= t < V for t in tokens)
+    assert loop.run(hs, None, 0, 0) == ([], 0)
+    loop.close()
+    loop.close()                                                       # twice is fine
+
+
+def test_generation_loop_greedy_is_the_argmax_of_its_steps(variant):
+    """Greedy from a first token: each next token is the argmax of (step's h) @ O + bo, the steps
+    those of Kernel.forward."""
+    k = fp32.kernel(variant)
+    g = torch.Generator().manual_seed(3)
+    h, V, n = 70, 9, 40
+    E, O, bo = torch.randn(V, h, generator=g), torch.randn(h, V, generator=g), torch.randn(V, generator=g)
+    W = torch.randn(h, h, generator=g) * (0.9 / h ** 0.5)
+    loop = fp32.GenerationLoop(k, E, W, O, bo)
+    hs = torch.zeros(h)
+    tokens, got = loop.run(hs.clone(), None, 4, n)
+    H = torch.zeros(1, h)
+    for t in range(got - 1):
+        H = k.forward(E[tokens[t]].view(1, 1, h).clone(), H, W, threads=1, out=torch.empty(1, 1, h))[0]
+        assert tokens[t + 1] == int((H @ O + bo).argmax())
+    assert got >= n // 2

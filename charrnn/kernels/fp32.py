@@ -6,6 +6,7 @@
     kernel.forward(A, H0, W, threads, out)     # out[t] = tanh(A[t] + out[t-1] @ W), out[-1] = H0 (out=None: A)
     kernel.backward(dH, H, W, threads)         # (dA, dH0): dA[t] = (dH[t] + dA[t+1] @ W^T) * (1 - H[t]^2)
     Hs = tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant=None, threads=None)   # an autograd op
+    loop = GenerationLoop(kernel, E, W, O, bo)  # batch-1 generation, greedy or sampled, in one C call
 
 `TanhRNNFp32` has the interface and the gradients of charrnn.kernels.fused.TanhRNNLayer with
 bf16=False: X holds token ids (steps, batch) or features (steps, batch, in), W is (h, h) used as H @ W, either
@@ -144,6 +145,11 @@ class Kernel:
         lib.fp32_tanh.argtypes, lib.fp32_tanh.restype = [p, l], None
         lib.fp32_helped.argtypes, lib.fp32_helped.restype = [], l
         lib.fp32_fma_peak.argtypes, lib.fp32_fma_peak.restype = [l], ctypes.c_double
+        lib.fp32_gen_new.argtypes = [i, i, p, p, l, l, p, l, l, p]
+        lib.fp32_gen_new.restype = p
+        lib.fp32_gen_free.argtypes, lib.fp32_gen_free.restype = [p], None
+        lib.fp32_gen_run.argtypes = [p, p, p, i, i, p, ctypes.c_double, i, p]
+        lib.fp32_gen_run.restype = i
         for f in ("fp32_vector_width", "fp32_panel_width", "fp32_tile_rows"):
             getattr(lib, f).argtypes, getattr(lib, f).restype = [], i
         self.vector_width = lib.fp32_vector_width()     # floats per vector register
@@ -222,6 +228,75 @@ class Kernel:
                                    self._threads(threads)) != 0:
             raise MemoryError("fp32 kernel: out of memory for the packed weights.")
         return dA, g0
+
+
+class GenerationLoop:
+    """A batch-1 tanh RNN with its output layer, packed once, that generates in one C call:
+
+        h = tanh(E[y] + h @ W),   logits = h @ O + bo
+
+    E (V, h) holds W_in + b by token id (the rows TanhRNNFp32 adds, the same bits), W (h, h) and
+    O (h, V) are read through their strides (nn.RNN's W_hh.t() and nn.Linear's weight.t() are
+    views), bo (V,). The tensors are kept, unchanged, for the loop's life.
+
+    run(hs, logits0, first, length, temperature, top_k, u) -> (tokens, n): see fp32_gen_run.
+    A step gives the same bits as Kernel.forward for a batch of one."""
+
+    def __init__(self, kernel: Kernel, E: torch.Tensor, W: torch.Tensor, O: torch.Tensor, bo: torch.Tensor):
+        V, h = E.shape
+        kernel._check("generation", {"E": (E, (V, h)), "bo": (bo, (V,))}, 1, 1, h)
+        sk, sj = kernel._weight(W, h)
+        if O.dtype != torch.float32 or O.device.type != "cpu" or tuple(O.shape) != (h, V):
+            raise ValueError(f"fp32 generation: O must be a float32 CPU tensor of shape ({h}, {V}).")
+        self.kernel, self.h, self.V = kernel, h, V
+        self._keep = (E, W, O, bo)
+        self._lib = kernel._lib
+        self._ptr = self._lib.fp32_gen_new(h, V, E.data_ptr(), W.data_ptr(), sk, sj,
+                                           O.data_ptr(), O.stride(0), O.stride(1), bo.data_ptr())
+        if not self._ptr:
+            raise MemoryError("fp32 generation: out of memory for the packed weights.")
+
+    def run(self, hs: torch.Tensor, logits0: torch.Tensor | None, first: int, length: int,
+            temperature: float | None = None, top_k: int | None = None,
+            u: torch.Tensor | None = None) -> tuple[list[int], int]:
+        """Up to `length` tokens from state hs (h,), updated in place: the first is `first` when
+        >= 0, else picked from logits0 (V,); each later one from the logits after a step with
+        the one before. temperature None: greedy, else softmax(logits / temperature) over the
+        top_k largest, drawn by inverse CDF with u[i] (float64, length). Returns (tokens, n):
+        n < length where it stopped before token n (greedy and not certain that every fp32
+        evaluation of the head has that argmax, or NaN logits); hs then holds the state whose
+        logits decide it."""
+        self._check_state(hs, logits0, first)
+        if length <= 0:
+            return [], 0
+        sampling = temperature is not None
+        if sampling and (u is None or u.dtype != torch.float64 or not u.is_contiguous() or u.numel() < length):
+            raise ValueError("fp32 generation: sampling needs `length` float64 uniforms u.")
+        out = torch.empty(length, dtype=torch.int32)
+        n = self._lib.fp32_gen_run(self._ptr, hs.data_ptr(), None if logits0 is None else logits0.data_ptr(),
+                                   first, length, out.data_ptr(), float(temperature) if sampling else 0.0,
+                                   int(top_k or 0), u.data_ptr() if sampling else None)
+        return out[:n].tolist(), n
+
+    def _check_state(self, hs, logits0, first):
+        if hs.dtype != torch.float32 or hs.device.type != "cpu" or not hs.is_contiguous() or tuple(hs.shape) != (self.h,):
+            raise ValueError(f"fp32 generation: hs must be a contiguous float32 CPU tensor of shape ({self.h},).")
+        if first >= self.V:
+            raise ValueError(f"fp32 generation: token {first} is outside the vocabulary ({self.V}).")
+        if first < 0 and (logits0 is None or logits0.dtype != torch.float32 or not logits0.is_contiguous()
+                          or tuple(logits0.shape) != (self.V,)):
+            raise ValueError(f"fp32 generation: logits0 must be a contiguous float32 tensor of shape ({self.V},).")
+
+    def close(self) -> None:
+        ptr, self._ptr = getattr(self, "_ptr", None), None
+        if ptr:
+            self._lib.fp32_gen_free(ptr)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 @functools.cache

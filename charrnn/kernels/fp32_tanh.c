@@ -599,3 +599,165 @@ int fp32_backward(int steps, int B, int h, const float *dH, const float *H, floa
                 .dH = dH, .H = H, .dA = dA, .dH0 = dH0, .idempotent = 1 };
     return run(&J, threads);
 }
+
+/* ---- generation: batch 1, a step at a time, the whole loop in one call ----
+
+   gen_new packs M (the recurrence's (h, h) matrix, as above) and the output layer's (h, V)
+   matrix O once, into the same panels the forward uses, so a step here is the forward's step
+   for a batch of one (tile_any(1, FWD, ...)) and gives the same bits:
+
+       h = tanh(E[y] + h @ M)        E = W_in + b, rows by token id (V, h), the caller's
+       logits = h @ O + bo
+
+   gen_run then picks, steps and picks again, `length` tokens, on the calling thread (a batch
+   of one is a matrix-vector product: a team would spend more on waking than it saves).
+   Greedy: the argmax, but only where it is certain that any fp32 evaluation of h @ O + bo
+   (in any summation order, e.g. MKL's) has the same argmax; otherwise gen_run stops there and
+   says so, and the caller decides that token with its own head. Sampling: softmax(logits / T)
+   in double, restricted to the top_k largest, drawn by inverse CDF with the uniform u[i]. */
+typedef struct {
+    int h, V, npw, npo;
+    float *packW, *packO;       /* npw (npo) panels of h x NR */
+    const float *E, *bo;        /* the caller's: (V, h) and (V,) */
+    double *tol;                /* (V): 2 gamma (sum_k |O[k][j]| + |bo[j]|) */
+    double *z, *zs;             /* (V) scratch for sampling */
+    float *hb, *logits;         /* (h), (npo * NR) */
+} gen_t;
+
+/* dst: panels of NR columns, dst[p][k][j] = M[k][p*NR + j] (0 beyond N), M[k][j] = W[k*rs + j*cs] */
+static void pack_matrix(float *dst, const float *W, int K, int N, long rs, long cs) {
+    const int np = (N + NR - 1) / NR;
+    for (int p = 0; p < np; p++) {
+        const int c0 = p * NR, nc = N - c0 < NR ? N - c0 : NR;
+        float *d = dst + (long)p * K * NR;
+        if (cs == 1 || rs != 1) {
+            for (int k = 0; k < K; k++)
+                for (int j = 0; j < NR; j++)
+                    d[(long)k * NR + j] = j < nc ? W[k * rs + (c0 + j) * cs] : 0.0f;
+        } else {                /* columns of M contiguous in W */
+            for (int j = 0; j < NR; j++)
+                for (int k = 0; k < K; k++)
+                    d[(long)k * NR + j] = j < nc ? W[k + (c0 + j) * cs] : 0.0f;
+        }
+    }
+}
+
+void fp32_gen_free(gen_t *g) {
+    if (!g) return;
+    free(g->packW); free(g->packO); free(g->tol); free(g->z); free(g->zs); free(g->hb); free(g->logits);
+    free(g);
+}
+
+gen_t *fp32_gen_new(int h, int V, const float *E, const float *W, long sk, long sj,
+                    const float *O, long ok, long oj, const float *bo) {
+    if (h <= 0 || V <= 0) return NULL;
+    gen_t *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->h = h; g->V = V; g->E = E; g->bo = bo;
+    g->npw = (h + NR - 1) / NR; g->npo = (V + NR - 1) / NR;
+    void *a = NULL, *b = NULL, *c = NULL;
+    if (posix_memalign(&a, 64, (size_t)g->npw * h * NR * sizeof(float))) a = NULL;
+    if (posix_memalign(&b, 64, (size_t)g->npo * h * NR * sizeof(float))) b = NULL;
+    if (posix_memalign(&c, 64, (size_t)g->npo * NR * sizeof(float))) c = NULL;
+    g->packW = a; g->packO = b; g->logits = c;
+    g->hb = malloc((size_t)h * sizeof(float));
+    g->tol = malloc((size_t)V * sizeof(double));
+    g->z = malloc((size_t)V * sizeof(double));
+    g->zs = malloc((size_t)V * sizeof(double));
+    if (!a || !b || !c || !g->hb || !g->tol || !g->z || !g->zs) { fp32_gen_free(g); return NULL; }
+    pack_matrix(g->packW, W, h, h, sk, sj);
+    pack_matrix(g->packO, O, h, V, ok, oj);
+    /* |computed - exact| <= gamma_{h+1} (sum_k |h_k O_kj| + |bo_j|) for any order, |h_k| <= 1 */
+    const double u = 1.0 / 16777216.0, gamma = (h + 1) * u / (1 - (h + 1) * u);
+    for (int j = 0; j < V; j++) {
+        double s = fabs((double)bo[j]);
+        for (int k = 0; k < h; k++) s += fabs((double)O[k * ok + j * oj]);
+        g->tol[j] = 2.02 * gamma * s;       /* this evaluation's error and another's, a little slack */
+    }
+    return g;
+}
+
+static void gen_head(gen_t *g, const float *hv) {
+    for (int p = 0; p < g->npo; p++)
+        tile_any(1, STO, g->h, hv, g->h, g->packO + (long)p * g->h * NR, g->logits + p * NR,
+                 NULL, NULL, NR, NR);
+    for (int j = 0; j < g->V; j++) g->logits[j] += g->bo[j];
+}
+
+/* The argmax of lg, or -1 where another fp32 evaluation might pick another (or lg has a NaN). */
+static int sure_argmax(const gen_t *g, const float *lg) {
+    int top = 0;
+    for (int j = 0; j < g->V; j++) {
+        if (lg[j] != lg[j]) return -1;
+        if (lg[j] > lg[top]) top = j;
+    }
+    for (int j = 0; j < g->V; j++)
+        if (j != top && !((double)lg[top] - (double)lg[j] > g->tol[top] + g->tol[j])) return -1;
+    return top;
+}
+
+static int desc(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x < y) - (x > y);
+}
+
+/* A draw from softmax(lg / temperature) over the top_k largest (top_k <= 0: all), by inverse CDF
+   with u in [0, 1); -1 for NaN logits. */
+static int sample(gen_t *g, const float *lg, double temperature, int top_k, double u) {
+    const int V = g->V;
+    double *z = g->z, zmax = -INFINITY;
+    for (int j = 0; j < V; j++) {
+        z[j] = (double)lg[j] / temperature;
+        if (z[j] != z[j]) return -1;
+    }
+    if (top_k > 0 && top_k < V) {
+        memcpy(g->zs, z, (size_t)V * sizeof *z);
+        qsort(g->zs, V, sizeof *z, desc);
+        const double kth = g->zs[top_k - 1];
+        for (int j = 0; j < V; j++) if (z[j] < kth) z[j] = -INFINITY;
+    }
+    for (int j = 0; j < V; j++) if (z[j] > zmax) zmax = z[j];
+    double s = 0;
+    for (int j = 0; j < V; j++) { z[j] = exp(z[j] - zmax); s += z[j]; }
+    const double target = u * s;
+    double c = 0;
+    int last = -1;
+    for (int j = 0; j < V; j++) {
+        if (z[j] > 0) {
+            last = j;
+            c += z[j];
+            if (c > target) return j;
+        }
+    }
+    return last;
+}
+
+/* Tokens out[0 .. length-1]: out[0] = first if first >= 0, else picked from logits0; each next
+   one picked from the logits after stepping with the one before. hs (h): the state in, and out
+   the state the last logits came from. temperature <= 0: greedy; else sampling with u[i].
+   Returns length, or the index i where it stopped: greedy and out[i] not certain, or NaN logits. */
+int fp32_gen_run(gen_t *g, float *hs, const float *logits0, int first, int length, int *out,
+                 double temperature, int top_k, const double *u) {
+    const int h = g->h;
+    float *cur = hs, *nxt = g->hb;
+    const float *lg = logits0;
+    int i = 0;
+    for (; i < length; i++) {
+        int y;
+        if (i == 0 && first >= 0) y = first;
+        else y = temperature > 0 ? sample(g, lg, temperature, top_k, u[i]) : sure_argmax(g, lg);
+        if (y < 0 || y >= g->V) break;
+        out[i] = y;
+        if (i == length - 1) { i++; break; }
+        const float *x1 = g->E + (long)y * h;
+        for (int p = 0; p < g->npw; p++) {
+            const int c0 = p * NR, nr = h - c0 < NR ? h - c0 : NR;
+            tile_any(1, FWD, h, cur, h, g->packW + (long)p * h * NR, nxt + c0, x1 + c0, NULL, h, nr);
+        }
+        float *t = cur; cur = nxt; nxt = t;
+        gen_head(g, cur);
+        lg = g->logits;
+    }
+    if (cur != hs) memcpy(hs, cur, (size_t)h * sizeof(float));
+    return i;
+}

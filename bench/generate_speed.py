@@ -1,0 +1,85 @@
+"""Generation speed: 500 characters from the shipped checkpoint, greedy and sampled, the Python
+loop (a model call per character) against the C loop (charrnn/kernels/fp32.py, GenerationLoop),
+for every C variant this CPU runs (the lower ones forced). Medians of interleaved repeats, in ms.
+Prints figures; not a test.
+
+    .venv/bin/python bench/generate_speed.py [--length 500] [--repeats 15]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from charrnn.checkpoint import load_checkpoint  # noqa: E402
+from charrnn.generate import generate  # noqa: E402
+from charrnn.kernels import fp32, select  # noqa: E402
+
+CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.safetensors"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
+    except (OSError, subprocess.SubprocessError):
+        model = "?"
+    flags = fp32._cpu_flags() or set()
+    return (f"{model}, {len(fp32.variants()) and torch.get_num_threads()} torch threads, "
+            f"avx2={'avx2' in flags} avx512f={'avx512f' in flags}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--length", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    loaded = load_checkpoint(CHECKPOINT)
+    model, vocab = loaded.model, loaded.vocab
+    own = model.kernel
+    print(f"CPU: {cpu_name()}")
+    print(f"model: {model.config}, its kernel {own.name}; {args.length} characters after 'time traveller', "
+          f"median of {args.repeats} interleaved repeats")
+    rows = []          # (label, set-up, kwargs)
+
+    def kernel_as(name):
+        return lambda: setattr(model, "kernel", select(model.config, "cpu", name=name))
+
+    for threads in (1, 2):
+        rows.append((f"python loop, kernel {own.name}, {threads} thread(s)", kernel_as(own.name), threads,
+                     dict(loop="python")))
+    rows.append(("python loop, kernel torch-fp32", kernel_as("torch-fp32"), 1, dict(loop="python")))
+    for v in fp32.variants():
+        if fp32.load(v)[0] is not None:
+            rows.append((f"C loop {v}", kernel_as(own.name), 1, dict(loop=v)))
+    modes = {"greedy": {}, "sampled": dict(temperature=0.8, seed=1)}
+    times = {(label, m): [] for label, *_ in rows for m in modes}
+    paths = {}
+    before = torch.get_num_threads()
+    for r in range(args.repeats + 1):                      # round 0 warms up (builds, caches)
+        for label, setup, threads, kw in rows:
+            setup()
+            torch.set_num_threads(threads)
+            for m, mkw in modes.items():
+                t0 = time.perf_counter()
+                g = generate(model, vocab, "time traveller", args.length, **kw, **mkw)
+                if r:
+                    times[(label, m)].append((time.perf_counter() - t0) * 1e3)
+                paths[label] = g.path
+    torch.set_num_threads(before)
+    model.kernel = own
+    print(f"{'path':<44} {'ran':<18} {'greedy ms':>10} {'sampled ms':>11}")
+    for label, *_ in rows:
+        g, s = (statistics.median(times[(label, m)]) for m in modes)
+        print(f"{label:<44} {paths[label]:<18} {g:>10.2f} {s:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
