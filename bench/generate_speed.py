@@ -26,13 +26,20 @@ CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.s
 
 
 def cpu_name() -> str:
+    """lscpu's model name, /proc/cpuinfo's family and model numbers, the flags that pick a variant."""
+    model = family = number = "?"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu family"):
+                family = line.split(":", 1)[1].strip()
+            elif line.startswith("model\t") or line.startswith("model  "):
+                number = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
-        model = "?"
+        pass
     flags = fp32._cpu_flags() or set()
-    return (f"{model}, {len(fp32.variants()) and torch.get_num_threads()} torch threads, "
+    return (f"{model} (family {family} model {number}), {fp32.default_threads()} CPUs, "
             f"avx2={'avx2' in flags} avx512f={'avx512f' in flags}")
 
 
@@ -75,6 +82,8 @@ def main() -> None:
                 paths[label] = g.path
     torch.set_num_threads(before)
     model.kernel = own
+    from charrnn.bench import generation_ms
+    print(f"charrnn.bench.generation_ms(): {generation_ms():.2f} ms (what `python -m charrnn bench` prints)")
     print(f"{'path':<44} {'ran':<18} {'greedy ms':>10} {'sampled ms':>11}")
     for label, *_ in rows:
         g, s = (statistics.median(times[(label, m)]) for m in modes)

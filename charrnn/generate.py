@@ -18,6 +18,7 @@ float64: the same algorithm on both paths.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -179,21 +180,38 @@ def _native_loop(native: fp32.GenerationLoop, model, state, logits, length, temp
 
 
 def _pick(logits: torch.Tensor, temperature, top_k, u: torch.Tensor | None, i: int) -> int:
-    """Greedy argmax, or a draw with the uniform u[i] by inverse CDF (the C loop's algorithm)."""
+    """Greedy argmax, or a draw with the uniform u[i] by inverse CDF: fp32_tanh.c's `sample`,
+    step for step (a vocabulary is small: plain Python floats beat a dozen tensor ops)."""
     if temperature is None and top_k is None:
         return int(logits.argmax())
     # float64 and a floor on the temperature: dividing by a tiny one must not overflow into NaN.
     # On the CPU, and in that order: some devices have no float64 (Apple's MPS), and the sampling
     # generator is a CPU one anyway.
-    logits = logits.cpu().double() / max(temperature or 1.0, MIN_TEMPERATURE)
-    if torch.isnan(logits).any():
+    t = max(temperature or 1.0, MIN_TEMPERATURE)
+    z = [x / t for x in logits.cpu().double().tolist()]
+    if any(math.isnan(x) for x in z):
         raise RuntimeError("The model's logits contain NaN: nothing to sample from.")
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    cdf = torch.cumsum(torch.exp(logits - logits.max()), 0)       # unnormalised, in order
-    j = int(torch.searchsorted(cdf, u[i] * cdf[-1], right=True))  # the first with cdf > u * total
-    return min(j, int(torch.nonzero(cdf < cdf[-1]).numel()))      # u * total rounded up to the total
+    if top_k is not None and top_k < len(z):
+        kth = sorted(z, reverse=True)[top_k - 1]
+        z = [x if x >= kth else -math.inf for x in z]
+    top = max(z)
+    p = [math.exp(x - top) for x in z]
+    target = float(u[i]) * _seq_sum(p)             # in order, as the C loop sums
+    c, last = 0.0, 0
+    for j, pj in enumerate(p):
+        if pj > 0:
+            last = j
+            c += pj
+            if c > target:
+                return j
+    return last
+
+
+def _seq_sum(xs) -> float:
+    s = 0.0
+    for x in xs:
+        s += x
+    return s
 
 
 def predict(prefix: str, num_preds: int, model, vocab: Vocab, device=None, **kwargs) -> str:

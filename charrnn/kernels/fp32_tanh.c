@@ -603,14 +603,15 @@ int fp32_backward(int steps, int B, int h, const float *dH, const float *H, floa
 /* ---- generation: batch 1, a step at a time, the whole loop in one call ----
 
    gen_new packs M (the recurrence's (h, h) matrix, as above) and the output layer's (h, V)
-   matrix O once, into the same panels the forward uses, so a step here is the forward's step
-   for a batch of one (tile_any(1, FWD, ...)) and gives the same bits:
+   matrix O once, into the same panels the forward uses, so a step here computes what the
+   forward's step computes for a batch of one, in the same order, and gives the same bits:
 
        h = tanh(E[y] + h @ M)        E = W_in + b, rows by token id (V, h), the caller's
        logits = h @ O + bo
 
    gen_run then picks, steps and picks again, `length` tokens, on the calling thread (a batch
-   of one is a matrix-vector product: a team would spend more on waking than it saves).
+   of one is a matrix-vector product: a team would spend more on waking than it saves), its
+   products GEN_PI panels at a time (matvec_n).
    Greedy: the argmax, but only where it is certain that any fp32 evaluation of h @ O + bo
    (in any summation order, e.g. MKL's) has the same argmax; otherwise gen_run stops there and
    says so, and the caller decides that token with its own head. Sampling: softmax(logits / T)
@@ -621,7 +622,7 @@ typedef struct {
     const float *E, *bo;        /* the caller's: (V, h) and (V,) */
     double *tol;                /* (V): 2 gamma (sum_k |O[k][j]| + |bo[j]|) */
     double *z, *zs;             /* (V) scratch for sampling */
-    float *hb, *logits;         /* (h), (npo * NR) */
+    float *hb, *logits, *acc;   /* (h), (npo * NR), (npw * NR) */
 } gen_t;
 
 /* dst: panels of NR columns, dst[p][k][j] = M[k][p*NR + j] (0 beyond N), M[k][j] = W[k*rs + j*cs] */
@@ -644,7 +645,7 @@ static void pack_matrix(float *dst, const float *W, int K, int N, long rs, long 
 
 void fp32_gen_free(gen_t *g) {
     if (!g) return;
-    free(g->packW); free(g->packO); free(g->tol); free(g->z); free(g->zs); free(g->hb); free(g->logits);
+    free(g->packW); free(g->packO); free(g->acc); free(g->tol); free(g->z); free(g->zs); free(g->hb); free(g->logits);
     free(g);
 }
 
@@ -655,16 +656,17 @@ gen_t *fp32_gen_new(int h, int V, const float *E, const float *W, long sk, long 
     if (!g) return NULL;
     g->h = h; g->V = V; g->E = E; g->bo = bo;
     g->npw = (h + NR - 1) / NR; g->npo = (V + NR - 1) / NR;
-    void *a = NULL, *b = NULL, *c = NULL;
+    void *a = NULL, *b = NULL, *c = NULL, *d = NULL;
     if (posix_memalign(&a, 64, (size_t)g->npw * h * NR * sizeof(float))) a = NULL;
     if (posix_memalign(&b, 64, (size_t)g->npo * h * NR * sizeof(float))) b = NULL;
     if (posix_memalign(&c, 64, (size_t)g->npo * NR * sizeof(float))) c = NULL;
-    g->packW = a; g->packO = b; g->logits = c;
+    if (posix_memalign(&d, 64, (size_t)g->npw * NR * sizeof(float))) d = NULL;
+    g->packW = a; g->packO = b; g->logits = c; g->acc = d;
     g->hb = malloc((size_t)h * sizeof(float));
     g->tol = malloc((size_t)V * sizeof(double));
     g->z = malloc((size_t)V * sizeof(double));
     g->zs = malloc((size_t)V * sizeof(double));
-    if (!a || !b || !c || !g->hb || !g->tol || !g->z || !g->zs) { fp32_gen_free(g); return NULL; }
+    if (!a || !b || !c || !d || !g->hb || !g->tol || !g->z || !g->zs) { fp32_gen_free(g); return NULL; }
     pack_matrix(g->packW, W, h, h, sk, sj);
     pack_matrix(g->packO, O, h, V, ok, oj);
     /* |computed - exact| <= gamma_{h+1} (sum_k |h_k O_kj| + |bo_j|) for any order, |h_k| <= 1 */
@@ -677,11 +679,60 @@ gen_t *fp32_gen_new(int h, int V, const float *E, const float *W, long sk, long 
     return g;
 }
 
+/* PI panels at once: t[i*NR + j] = sum_k a[k] panel_i[k][j], for i < n. A batch of one gives
+   tile() NV accumulator chains per panel, each FMA waiting for the one before; interleaving PI
+   panels gives PI * NV chains. Each column is still summed in tile()'s order (k = 0, 1, ...),
+   with the same operations, so the same bits. */
+#ifndef GEN_PI
+#define GEN_PI (VL == 8 ? 2 : 4)
+#endif
+static inline __attribute__((always_inline)) void
+matvec_n(const int n, int k, const float *restrict a, const float *restrict panel, long pstride,
+         float *restrict t)
+{
+    vf acc[GEN_PI][NV];
+    #pragma GCC unroll 4
+    for (int i = 0; i < n; i++)
+        #pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) acc[i][v] = (vf){0};
+    for (int p = 0; p < k; p++) {
+        const float s = a[p];
+        #pragma GCC unroll 4
+        for (int i = 0; i < n; i++)
+            #pragma GCC unroll 4
+            for (int v = 0; v < NV; v++)
+                acc[i][v] += *(const vf *)(panel + i * pstride + (long)p * NR + v * VL) * s;
+    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < n; i++)
+        #pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) *(vf *)(t + i * NR + v * VL) = acc[i][v];
+}
+
+/* t (npanels * NR, 64-aligned) = a (k) @ the packed panels */
+static void matvec(int k, const float *a, const float *pack, int npanels, float *t) {
+    const long ps = (long)k * NR;
+    int p = 0;
+    for (; p + GEN_PI <= npanels; p += GEN_PI) matvec_n(GEN_PI, k, a, pack + p * ps, ps, t + p * NR);
+    for (; p < npanels; p++) matvec_n(1, k, a, pack + p * ps, ps, t + p * NR);
+}
+
 static void gen_head(gen_t *g, const float *hv) {
-    for (int p = 0; p < g->npo; p++)
-        tile_any(1, STO, g->h, hv, g->h, g->packO + (long)p * g->h * NR, g->logits + p * NR,
-                 NULL, NULL, NR, NR);
+    matvec(g->h, hv, g->packO, g->npo, g->logits);
     for (int j = 0; j < g->V; j++) g->logits[j] += g->bo[j];
+}
+
+/* out (h) = tanh(x1 + t), as tile() stores a FWD tile */
+static void gen_tanh(int h, const float *t, const float *x1, float *out) {
+    int c0 = 0;
+    for (; c0 + NR <= h; c0 += NR)
+        #pragma GCC unroll 4
+        for (int v = 0; v < NV; v++)
+            storeu(out + c0 + v * VL, vtanh(*(const vf *)(t + c0 + v * VL) + loadu(x1 + c0 + v * VL)));
+    if (c0 < h) {
+        for (int j = c0; j < h; j++) out[j] = x1[j] + t[j];
+        tanh_any(out + c0, h - c0);
+    }
 }
 
 /* The argmax of lg, or -1 where another fp32 evaluation might pick another (or lg has a NaN). */
@@ -749,11 +800,8 @@ int fp32_gen_run(gen_t *g, float *hs, const float *logits0, int first, int lengt
         if (y < 0 || y >= g->V) break;
         out[i] = y;
         if (i == length - 1) { i++; break; }
-        const float *x1 = g->E + (long)y * h;
-        for (int p = 0; p < g->npw; p++) {
-            const int c0 = p * NR, nr = h - c0 < NR ? h - c0 : NR;
-            tile_any(1, FWD, h, cur, h, g->packW + (long)p * h * NR, nxt + c0, x1 + c0, NULL, h, nr);
-        }
+        matvec(h, cur, g->packW, g->npw, g->acc);
+        gen_tanh(h, g->acc, g->E + (long)y * h, nxt);
         float *t = cur; cur = nxt; nxt = t;
         gen_head(g, cur);
         lg = g->logits;
