@@ -187,12 +187,14 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
             float t[NR] __attribute__((aligned(64)));
             #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) *(vf *)(t + v * VL) = acc[r][v];
+            /* finished in t, then stored once: `out` only ever holds final values, which a
+               second thread running the same unit (wait_phase) relies on */
             for (int j = 0; j < nr; j++) {
-                if (kind == FWD) o[j] = x1[r * ld + j] + t[j];
-                if (kind == BWD) { float y = x2[r * ld + j]; o[j] = (x1[r * ld + j] + t[j]) * (1.0f - y * y); }
-                if (kind == STO) o[j] = t[j];
+                if (kind == FWD) t[j] += x1[r * ld + j];
+                if (kind == BWD) { float y = x2[r * ld + j]; t[j] = (x1[r * ld + j] + t[j]) * (1.0f - y * y); }
             }
-            if (kind == FWD) tanh_any(o, nr);
+            if (kind == FWD) tanh_any(t, nr);
+            for (int j = 0; j < nr; j++) o[j] = t[j];
         }
     }
 }
