@@ -33,6 +33,7 @@ def fake_cpu(monkeypatch, *, fp32_variants=(), bf16_matmul=False, amx=False, com
 XEON_AMX = dict(fp32_variants=("avx512-fp32", "avx2-fp32"), bf16_matmul=True, amx=True)
 ZEN5 = dict(fp32_variants=("avx512-fp32", "avx2-fp32"), bf16_matmul=True)    # AVX-512 + AVX512-BF16, no AMX
 ZEN3 = dict(fp32_variants=("avx2-fp32",))                                    # AVX2 + FMA only
+# generic-fp32 runs on every x86 CPU too, but below the others: left out of the faked CPUs
 
 
 @pytest.mark.parametrize("cpu, scratch, fp32_choice", [
@@ -91,6 +92,8 @@ def test_every_name_is_listed_with_its_reason(monkeypatch):
     found = kernels.choices(SCRATCH, CPU)
     assert set(found) == set(kernels.NAMES)
     assert [n for n, why in found.items() if why is None] == ["avx2-fp32", "torch-fp32", "reference"]
+    fake_cpu(monkeypatch, fp32_variants=("generic-fp32",))               # another architecture
+    assert kernels.select(SCRATCH, CPU).name == "generic-fp32"
 
 
 def test_the_name_reaches_the_trainer_the_json_and_the_checkpoint(small_corpus, ckpt_dir, small_text_file):

@@ -235,7 +235,7 @@ def test_variants_and_reasons():
 def test_unsupported_variant_is_refused(monkeypatch):
     """A CPU without AVX-512 (as /proc/cpuinfo says) is not offered the avx512 build."""
     monkeypatch.setattr(fp32, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})
-    monkeypatch.setattr(fp32, "_X86", True)
+    monkeypatch.setattr(fp32.build, "is_x86", lambda: True)
     ok, why = fp32._supported("avx512-fp32")
     assert not ok and "avx512f" in why
     assert "avx512-fp32" not in fp32.variants()
@@ -303,7 +303,7 @@ def test_unavailable_says_why(env, tmp_path):
             "assert k is None and why, (k, why); print(why)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "CHARRNN_BUILD": str(tmp_path), **env},
-                            cwd=str(fp32.SOURCE.parent.parent.parent))
+                            cwd=str(fp32.build.BUILD_DIR.parent))
     assert result.returncode == 0, result.stderr
     assert ("no C compiler" in result.stdout) == ("CC" in env)
 

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from charrnn import bench, device
-from charrnn.kernels import bf16 as native
+from charrnn.kernels import bf16 as native, build
 
 
 # -----------------------------------------------------------------------------
@@ -31,15 +31,15 @@ def no_compiler_runs(monkeypatch):
     """Fails the test if anything looks for or runs a compiler."""
     def refuse(*args, **kwargs):
         raise AssertionError(f"a compiler was looked for or run: {args}")
-    monkeypatch.setattr(native.shutil, "which", refuse)
-    monkeypatch.setattr(native.subprocess, "run", refuse)
+    monkeypatch.setattr(build.shutil, "which", refuse)
+    monkeypatch.setattr(build.subprocess, "run", refuse)
 
 
 @pytest.fixture
 def linux_x86(monkeypatch):
     """A Linux x86-64 machine where bf16 runs, whatever this one is."""
     monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(native.bf16gemm, "available", lambda: True)
     monkeypatch.setattr(native.bf16gemm, "_cblas_gemm_bf16", lambda: None)
 
@@ -58,7 +58,7 @@ def test_no_build_off_linux(fresh_native, no_compiler_runs, monkeypatch, name):
 
 @pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le", ""])
 def test_no_build_off_x86(fresh_native, no_compiler_runs, linux_x86, monkeypatch, machine):
-    monkeypatch.setattr(native.platform, "machine", lambda: machine)
+    monkeypatch.setattr(build.platform, "machine", lambda: machine)
     python_loops("x86-64 CPUs only")
 
 
@@ -75,7 +75,7 @@ def test_no_bf16(fresh_native, no_compiler_runs, linux_x86, monkeypatch):
 @pytest.mark.parametrize("cc, expected", [(None, "cc is not on the PATH"),
                                           ("no-such-cc -O0", "no-such-cc is not on the PATH")])
 def test_no_compiler(fresh_native, linux_x86, monkeypatch, cc, expected):
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
     if cc:
         monkeypatch.setenv("CC", cc)
     python_loops(f"no C compiler found ({expected}; set CC)")
@@ -238,3 +238,26 @@ def test_a_child_without_a_json_result_is_a_bench_error():
 def test_a_killed_child_says_so():
     message, _ = bench_error([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     assert "was killed by signal 9" in message
+
+
+@pytest.fixture
+def fresh_fp32():
+    from charrnn.kernels import fp32
+    fp32._load.cache_clear(), fp32._best.cache_clear()
+    yield fp32
+    fp32._load.cache_clear(), fp32._best.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["darwin", "win32"])
+def test_fp32_kernels_are_skipped_cleanly_off_linux(fresh_fp32, fresh_native, no_compiler_runs, monkeypatch, name):
+    """No compiler runs, nothing raises, the selector falls back to the torch op and says why."""
+    from charrnn import kernels
+    from charrnn.models import ModelConfig
+    monkeypatch.setattr(sys, "platform", name)
+    monkeypatch.delattr(os, "getuid", raising=False)        # as on Windows
+    for variant in ("avx2-fp32", "generic-fp32"):
+        kernel, why = fresh_fp32.load(variant)
+        assert kernel is None and f"on Linux only, not {name}" in why
+    config = ModelConfig("scratch", 28, 16)
+    assert kernels.select(config, "cpu", "fp32").name == "torch-fp32"
+    assert "Linux only" in kernels.choices(config, "cpu")["generic-fp32"]

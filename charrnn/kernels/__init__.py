@@ -12,6 +12,7 @@ checkpoint loader and build_model set it from select(). The names:
     torch-fp32    the fused layer: one autograd op, a torch matmul per step (fused.py)
     avx512-fp32   the C loops of fp32_tanh.c on a team of threads, AVX-512 (fp32.py)
     avx2-fp32     the same C loops built for AVX2 + FMA
+    generic-fp32  the same C loops, built for any CPU (the compiler's default vectors)
     amx-bf16      the bf16 loops of bf16_tanh.c, step matmuls on AMX tiles (bf16.py)
     mkl-bf16      the bf16 loops with MKL's bf16 matmul (CPUs with AVX512-BF16 but no AMX)
     cudnn         on a GPU: cuDNN's RNN (for scratch, on the model's own weights)
@@ -32,9 +33,10 @@ from ..errors import UserError
 from . import bf16, bf16gemm, fp32
 from .fused import cudnn_tanh_layer, tanh_rnn_layer
 
-# best first, for the fused tanh RNNs on a CPU; measured on the 2-core CPUs of docs/performance.md
-CPU_ORDER = ("amx-bf16", "avx512-fp32", "avx2-fp32", "mkl-bf16", "torch-fp32", "reference")
-NAMES = ("reference", "torch-fp32", "avx512-fp32", "avx2-fp32", "amx-bf16", "mkl-bf16", "cudnn")
+# best first, for the fused tanh RNNs on a CPU, by the measurements in docs/performance.md
+CPU_ORDER = ("amx-bf16", "avx512-fp32", "avx2-fp32", "mkl-bf16", "generic-fp32", "torch-fp32", "reference")
+NAMES = ("reference", "torch-fp32", "avx512-fp32", "avx2-fp32", "generic-fp32", "amx-bf16", "mkl-bf16", "cudnn")
+C_FP32 = ("avx512-fp32", "avx2-fp32", "generic-fp32")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -84,7 +86,7 @@ def _why_not(name: str, config, device: torch.device) -> str | None:
                 f"{config.kind}{' (bidirectional)' if config.bidirectional else ''} runs torch.nn's layer")
     if name == "torch-fp32":
         return None
-    if name in ("avx512-fp32", "avx2-fp32"):
+    if name in C_FP32:
         return fp32.load(name)[1] or None
     if not bf16gemm.available():                 # amx-bf16, mkl-bf16
         return ("this machine has no fast bf16 matmul (it needs PyTorch with MKL on an x86 CPU "
@@ -103,7 +105,7 @@ def _kernel(name: str, device_type: str, kind: str, inference: Kernel | None) ->
     if name in ("amx-bf16", "mkl-bf16"):
         return Kernel(name, "bf16", lambda X, W_in, b, H0, W: tanh_rnn_layer(X, W_in, b, H0, W, bf16=True),
                       inference)
-    if name in ("avx512-fp32", "avx2-fp32"):
+    if name in C_FP32:
         return _c_fp32(name)
     if name == "torch-fp32":
         return Kernel(name, "fp32", tanh_rnn_layer)

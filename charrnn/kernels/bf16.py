@@ -10,10 +10,8 @@
 
 The C file has no dependencies: it calls MKL's bf16 matmul through the function pointer that
 charrnn.kernels.bf16gemm finds, so the system's C compiler (cc, or $CC) builds it in a fraction of a
-second. The library goes to build/ beside the package (CHARRNN_BUILD moves it; if that cannot be
-written, a private folder in the temporary directory), named after a hash of the source, the
-flags, the compiler and the CPU, so a changed file or another machine builds afresh. No compiler,
-a failed build, or CHARRNN_NATIVE=0: `loops()` is None and the Python loops run.
+second (charrnn/kernels/build.py: where it goes, when it is rebuilt). No compiler, a failed
+build, or CHARRNN_NATIVE=0: `loops()` is None and the Python loops run.
 
 Only Linux on x86-64 builds them, decided before any compiler runs: the flags are x86 ones
 (-mprefer-vector-width), the library is an ELF shared object, and the matmul it calls is MKL's,
@@ -23,68 +21,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
 import platform
-import shlex
-import shutil
-import stat
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-from . import bf16gemm
+from . import bf16gemm, build
 
-SOURCE = Path(__file__).with_name("bf16_tanh.c")
-BUILD_DIR = Path(__file__).resolve().parents[2] / "build"
 # -ffast-math lets GCC call glibc's vector tanhf (16 floats at a time); NaN and inf still pass
 # through tanhf and the products (tests/test_bf16.py), so divergence is still seen. It is given to
 # the compile step only: linked with -ffast-math, a shared library gets GCC's crtfastmath.o, whose
 # constructor would switch the loading thread to flush-to-zero for every later op.
-COMPILE = ["-O3", "-march=native", "-ffast-math", "-mprefer-vector-width=512", "-fopenmp-simd", "-fPIC", "-c"]
-LINK = ["-shared"]
-
-
-def _cpu_fingerprint() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.machine()
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _build(cc: list[str], out_dir: Path) -> Path:
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha1("\0".join([SOURCE.read_text(), *COMPILE, *LINK, version, _cpu_fingerprint()]).encode()).hexdigest()[:16]
-    path = out_dir / f"bf16_tanh-{key}.so"
-    if not path.exists():
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".bf16_tanh-") as tmp:
-            obj, lib = Path(tmp) / "bf16_tanh.o", Path(tmp) / "bf16_tanh.so"
-            subprocess.run([*cc, *COMPILE, str(SOURCE), "-o", str(obj)], check=True, capture_output=True, timeout=120)
-            subprocess.run([*cc, *LINK, str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
-            lib.chmod(0o755)
-            os.replace(lib, path)                 # atomic: a concurrent build never sees half a file
-    return path
-
-
-def _build_dirs() -> list[Path]:
-    """build/ (or CHARRNN_BUILD), then a folder in the temporary directory that only this user
-    can write: a library is loaded and run from there, so a folder someone else made is skipped."""
-    dirs = [Path(os.environ.get("CHARRNN_BUILD") or BUILD_DIR)]
-    if not hasattr(os, "getuid"):          # no owner to check (Windows): no shared-folder fallback
-        return dirs
-    private = Path(tempfile.gettempdir()) / f"charrnn-build-{os.getuid()}"
-    try:
-        private.mkdir(mode=0o700, exist_ok=True)
-        info = private.lstat()
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
-            dirs.append(private)
-    except OSError:
-        pass
-    return dirs
+COMPILE = ["-O3", "-march=native", "-ffast-math", "-mprefer-vector-width=512", "-fopenmp-simd", "-fPIC"]
 
 
 def _expect(what: str, tensors: dict) -> None:
@@ -249,33 +196,14 @@ class Loops:
 def _unsupported() -> str | None:
     """Why this platform cannot build or load the loops at all, or None if it may: decided
     without running a compiler."""
-    if os.environ.get("CHARRNN_NATIVE") == "0":
-        return "CHARRNN_NATIVE=0"
-    if not sys.platform.startswith("linux"):
-        return f"the C loops are built on Linux only, not {sys.platform}"
-    machine = platform.machine()
-    if machine.lower() not in ("x86_64", "amd64"):
-        return f"the C loops are built for x86-64 CPUs only, not {machine or 'this one'}"
+    reason = build.unsupported()
+    if reason is not None:
+        return reason
+    if not build.is_x86():
+        return f"the C loops are built for x86-64 CPUs only, not {platform.machine() or 'this one'}"
     if not bf16gemm.available():
         return "bf16 does not run here (it needs MKL's bf16 matmul in PyTorch and a CPU with bf16 units)"
     return None
-
-
-def _first_error(err: subprocess.CalledProcessError) -> str:
-    """The compiler's first error line (GCC and Clang start theirs with a location, then
-    "error:"), else its first line, else the exit status."""
-    output = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    first = lines[0] if lines else f"exit status {err.returncode}"
-    return next((line for line in lines if "error" in line.lower()), first)
-
-
-def _shown(path: Path) -> str:
-    """A library's path, relative to the project when it is inside it."""
-    try:
-        return str(path.relative_to(BUILD_DIR.parent))
-    except ValueError:
-        return str(path)
 
 
 @functools.cache
@@ -284,29 +212,14 @@ def _load() -> tuple[Loops | None, str]:
     reason = _unsupported()
     if reason is not None:
         return None, f"Python loops: {reason}"
-    cc = shlex.split(os.environ.get("CC") or "cc")         # CC may be "ccache gcc"
-    if not cc or shutil.which(cc[0]) is None:
-        missing = f"{cc[0]} is not on the PATH" if cc else "CC is blank"
-        return None, f"Python loops: no C compiler found ({missing}; set CC)"
     gemm = ctypes.cast(bf16gemm._cblas_gemm_bf16(), ctypes.c_void_p).value
-    reason = "no build folder could be written"
-    for out_dir in _build_dirs():
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = _build(cc, out_dir)
-            found = Loops(ctypes.CDLL(str(path), mode=os.RTLD_NOW), gemm)  # all symbols now
-        except subprocess.CalledProcessError as err:       # the same source fails in any folder
-            return None, f"Python loops: the build failed: {_first_error(err)}"
-        except subprocess.TimeoutExpired:
-            return None, "Python loops: the build timed out"
-        except (OSError, AttributeError) as err:
-            # not writable, or a library that does not load or lacks our functions: next place
-            reason = (f"{out_dir} could not be used ({err.strerror or err})" if isinstance(err, OSError)
-                      else f"the library lacks a function ({err})")
-            continue
-        tiles = "AMX tiles" if found._amx else "no AMX tiles"
-        return found, f"C loops ({_shown(path)}; {tiles})"
-    return None, f"Python loops: {reason}"
+    try:
+        lib, path = build.load("bf16_tanh", COMPILE, ["-lm"], check=lambda lib: Loops(lib, gemm))
+    except build.BuildError as e:
+        return None, f"Python loops: {e}"
+    found = Loops(lib, gemm)
+    tiles = "AMX tiles" if found._amx else "no AMX tiles"
+    return found, f"C loops ({build.shown(path)}; {tiles})"
 
 
 def loops() -> Loops | None:

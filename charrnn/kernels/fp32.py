@@ -17,28 +17,22 @@ W_in's and b's gradients are each one large torch op after the loop, as in TanhR
 float32 CPU tensors: a selector should send anything else to TanhRNNLayer.
 
 Each variant is the same C file compiled with its own -march (x86-64-v4 with 512-bit vectors,
-x86-64-v3, or the compiler's default), built on first use into build/ beside the package
-(CHARRNN_BUILD moves it) under a name hashed from the source, flags and compiler. Where a variant
-cannot be built (no compiler, not x86 for the x86 ones, CHARRNN_NATIVE=0) `load` says why.
+x86-64-v3, or the compiler's default), built on first use (charrnn/kernels/build.py). Where a
+variant cannot be built (not Linux, no compiler, not x86 for the x86 ones, CHARRNN_NATIVE=0)
+`load` says why.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
-import shlex
-import shutil
-import stat
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("fp32_tanh.c")
-BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "build"
+from . import build
+
 
 # name: (compile flags, /proc/cpuinfo flags the CPU needs)
 VARIANTS = {
@@ -49,11 +43,8 @@ VARIANTS = {
     "generic-fp32": ([], set()),
 }
 # no -ffast-math: the C file has its own vector tanh, and NaN must pass through it
-COMPILE = ["-O3", "-fPIC", "-c"]
-LINK = ["-shared"]
+COMPILE = ["-O3", "-fPIC"]
 LIBS = ["-lm", "-lpthread"]
-
-_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 @functools.cache
@@ -74,7 +65,7 @@ def _supported(name: str) -> tuple[bool, str]:
     flags_needed = VARIANTS[name][1]
     if not flags_needed:
         return True, ""
-    if not _X86:
+    if not build.is_x86():
         return False, f"{name} needs an x86-64 CPU, this is {platform.machine()}"
     flags = _cpu_flags()
     if flags is not None:
@@ -89,35 +80,6 @@ def _supported(name: str) -> tuple[bool, str]:
 def variants() -> list[str]:
     """The variants this CPU can run, best first."""
     return [name for name in VARIANTS if _supported(name)[0]]
-
-
-def _build_dirs() -> list[Path]:
-    dirs = [Path(os.environ.get("CHARRNN_BUILD") or BUILD_DIR)]
-    private = Path(tempfile.gettempdir()) / f"charrnn-build-{os.getuid()}"
-    try:
-        private.mkdir(mode=0o700, exist_ok=True)
-        info = private.lstat()
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
-            dirs.append(private)
-    except OSError:
-        pass
-    return dirs
-
-
-def _build(cc: list[str], flags: list[str], out_dir: Path) -> Path:
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha1("\0".join([SOURCE.read_text(), *flags, *COMPILE, *LINK, version,
-                                  platform.machine()]).encode()).hexdigest()[:16]
-    path = out_dir / f"fp32_tanh-{key}.so"
-    if not path.exists():
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fp32_tanh-") as tmp:
-            obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-            subprocess.run([*cc, *flags, *COMPILE, str(SOURCE), "-o", str(obj)],
-                           check=True, capture_output=True, timeout=120)
-            subprocess.run([*cc, *LINK, str(obj), "-o", str(lib), *LIBS], check=True, capture_output=True, timeout=120)
-            lib.chmod(0o755)
-            os.replace(lib, path)                 # atomic: a concurrent build never sees half a file
-    return path
 
 
 def default_threads() -> int:
@@ -304,22 +266,11 @@ def _load(name: str) -> tuple[Kernel | None, str]:
     ok, why = _supported(name)
     if not ok:
         return None, why
-    if os.environ.get("CHARRNN_NATIVE") == "0":
-        return None, "CHARRNN_NATIVE=0"
-    cc = shlex.split(os.environ.get("CC") or "cc")         # CC may be "ccache gcc"
-    if not cc or shutil.which(cc[0]) is None:
-        return None, f"no C compiler ({' '.join(cc) or 'CC is empty'})"
-    errors = []
-    for out_dir in _build_dirs():
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            lib = ctypes.CDLL(str(_build(cc, VARIANTS[name][0], out_dir)), mode=os.RTLD_NOW)
-            return Kernel(name, lib), ""
-        except subprocess.CalledProcessError as e:
-            errors.append(f"{out_dir}: the build failed: {(e.stderr or b'').decode(errors='replace').strip()[-300:]}")
-        except (OSError, subprocess.SubprocessError, AttributeError) as e:
-            errors.append(f"{out_dir}: {e}")
-    return None, "; ".join(errors) or "no build folder"
+    try:
+        lib, _ = build.load("fp32_tanh", VARIANTS[name][0] + COMPILE, LIBS, check=lambda lib: Kernel(name, lib))
+    except build.BuildError as e:
+        return None, str(e)
+    return Kernel(name, lib), ""
 
 
 def load(variant: str | None = None) -> tuple[Kernel | None, str]:
