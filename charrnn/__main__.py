@@ -224,7 +224,7 @@ def cmd_generate(args) -> None:
         print(f"charrnn: not in the vocabulary, read as <unk>: {''.join(out.unknown)!r}", file=sys.stderr)
     if args.json:
         print(json.dumps({"prefix": out.prefix, "text": out.text, "continuation": out.continuation,
-                          "unknown": out.unknown, "next": out.next_probs}))
+                          "unknown": out.unknown, "next": out.next_probs, "path": out.path}))
     else:
         print(out.text)
 
