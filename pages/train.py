@@ -10,6 +10,7 @@ import math
 
 import streamlit as st
 
+from charrnn import kernels
 from charrnn.checkpoint import CheckpointError, CheckpointExists, path_for_name, read_metadata
 from charrnn.data import DATA_ENV, MAX_CORPUS_BYTES, TIMEMACHINE_FILE, CorpusError, decode_text
 from charrnn.device import available_devices, default_threads, threads_settable
@@ -88,11 +89,12 @@ def settings_ui() -> dict:
         cores = default_threads()
         if threads_settable():
             s["threads"] = st.number_input(
-                "CPU threads", 1, MAX_THREADS, max(1, cores - 1), key="train_threads", persist_state="session",
-                help=f"Threads for the run's CPU ops ({cores} cores here). The default leaves one core to "
-                     "this server and a browser on the same machine, so redrawing the page does not slow "
-                     "training; with the browser elsewhere, or the page closed, all cores train faster. "
-                     "The command line uses all of them unless told (--threads).")
+                "CPU threads", 1, MAX_THREADS, kernels.app_threads(cores), key="train_threads",
+                persist_state="session",
+                help=f"Threads for the run's CPU ops ({cores} cores here). The default is what trained "
+                     "fastest with this page open in a browser on the same machine: every core for the "
+                     "C fp32 kernels, one fewer on a CPU with AMX tiles, whose bf16 loops gain little "
+                     "from a second thread. The command line uses all of them unless told (--threads).")
         else:
             s["threads"] = 0
             st.number_input("CPU threads", value=cores, disabled=True, key="train_threads_all",

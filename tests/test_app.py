@@ -80,7 +80,8 @@ def test_train_live_chart_stop_and_save(jobs, book):
     assert job is not None
     from charrnn.device import default_threads, threads_settable
     if threads_settable():        # the run leaves a core to the server and the browser
-        assert job.config.threads == at.number_input(key="train_threads").value == max(1, default_threads() - 1)
+        from charrnn.kernels import app_threads
+        assert job.config.threads == at.number_input(key="train_threads").value == app_threads(default_threads())
     assert poll(at, lambda a: chart_points(a) >= 2), "the perplexity chart never grew"
     assert len(live_charts(at)) == 2 and not at.get("plotly_chart")       # drawn in place, not by st.plotly_chart
     assert any(m.label == "Tokens / s" for m in at.metric)

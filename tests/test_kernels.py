@@ -116,3 +116,10 @@ def test_build_model_runs_the_fastest_fp32_kernel():
     model = build_model(SCRATCH)
     assert model.kernel == kernels.select(SCRATCH, CPU, "fp32")
     assert build_model(SCRATCH, kernel="reference").kernel.name == "reference"
+
+
+@pytest.mark.parametrize("cpu, threads", [(XEON_AMX, 1), (ZEN5, 2), (ZEN3, 2)])
+def test_the_apps_threads_follow_the_kernel(monkeypatch, cpu, threads):
+    """AMX's bf16 loops leave a core to the browser; the C fp32 loops take both."""
+    fake_cpu(monkeypatch, **cpu)
+    assert kernels.app_threads(2) == threads and kernels.app_threads(1) == 1
