@@ -49,6 +49,7 @@ def test_auto_picks_the_fastest_for_each_cpu_kind(monkeypatch, cpu, scratch, fp3
     assert kernels.select(SCRATCH, CPU, "fp32").name == fp32_choice
     assert kernels.select(GRU, CPU).name == kernels.select(BIRNN, CPU).name == "reference"  # torch.nn's layer
     assert kernels.select(SCRATCH, CUDA).name == kernels.select(GRU, CUDA).name == "cudnn"
+    assert kernels.select(SCRATCH, "mps").name == "torch-fp32"          # torch ops run on any device
 
 
 def test_bf16_kernels_evaluate_in_fp32(monkeypatch):

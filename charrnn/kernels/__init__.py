@@ -79,13 +79,13 @@ def _why_not(name: str, config, device: torch.device) -> str | None:
         return None
     if name == "cudnn":
         return None if device.type == "cuda" else "cuDNN runs on a CUDA GPU only"
-    if device.type != "cpu":
-        return f"it runs on the CPU, not on {device.type}"
     if not tanh:
         return ("it covers the tanh RNNs (scratch, and rnn without bidirectional layers); "
                 f"{config.kind}{' (bidirectional)' if config.bidirectional else ''} runs torch.nn's layer")
-    if name == "torch-fp32":
+    if name == "torch-fp32":                     # torch ops: any device (on CUDA, cuDNN comes first)
         return None
+    if device.type != "cpu":
+        return f"it runs on the CPU, not on {device.type}"
     if name in C_FP32:
         return fp32.load(name)[1] or None
     if not bf16gemm.available():                 # amx-bf16, mkl-bf16
@@ -101,7 +101,7 @@ def _why_not(name: str, config, device: torch.device) -> str | None:
 
 
 @functools.cache
-def _kernel(name: str, device_type: str, kind: str, inference: Kernel | None) -> Kernel:
+def _kernel(name: str, kind: str, inference: Kernel | None) -> Kernel:
     if name in ("amx-bf16", "mkl-bf16"):
         return Kernel(name, "bf16", lambda X, W_in, b, H0, W: tanh_rnn_layer(X, W_in, b, H0, W, bf16=True),
                       inference)
@@ -146,7 +146,7 @@ def select(config, device, precision: str = "auto", name: str = "auto") -> Kerne
     elif precision != "auto" and _precision(name) != precision:
         raise UserError(f"Kernel {name} trains in {_precision(name)}, not {precision}; choose precision auto.")
     inference = select(config, device, "fp32") if _precision(name) == "bf16" else None
-    return _kernel(name, device.type, config.kind, inference)
+    return _kernel(name, config.kind, inference)
 
 
 def _precision(name: str) -> str:
