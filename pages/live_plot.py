@@ -3,9 +3,10 @@
     live_plot(figure, key="ppl")     # figure: a plain Plotly dict, {"data": [...], "layout": {...}}
 
 st.plotly_chart rebuilds its chart through a React render on every rerun; at the live view's one
-redraw a second, the Train page with two of them cost a headless Chromium 0.44 of a core, 0.25
-with this component (README, Performance), which on a small machine comes out of training. This component keeps one Plotly chart per key alive in the
-page and hands it each new figure with Plotly.react, which redraws in place.
+redraw a second that cost a headless Chromium nearly twice the CPU this component costs
+(docs/performance.md), and on a small machine that comes out of training. This component keeps
+one Plotly chart per key alive in the page and hands it each new figure with Plotly.react, which
+redraws in place.
 
 Plotly.js is the copy that ships inside the plotly Python package; it is copied to static/ beside
 app.py (the folder is in git, the file is ignored) and served by Streamlit's static file serving

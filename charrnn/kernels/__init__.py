@@ -157,7 +157,7 @@ def app_threads(cores: int) -> int:
     """CPU threads for a run that the app starts while a browser may draw its page on the same
     cores, by measurement (docs/performance.md, "Training inside the app"). With AMX tiles the bf16
     loops train nearly as fast on one thread as on two, so the run leaves a core to the server and
-    the browser. The C fp32 loops run about 1.75x faster on two threads than on one, and a step
+    the browser. The C fp32 loops gain much more from a second thread, and a step
     whose thread loses its core to the browser is finished by the other, so they take every core."""
     from ..models import ModelConfig            # models imports this module
     best = select(ModelConfig("scratch"), "cpu")  # the book's scratch RNN: this machine's best kernel

@@ -17,7 +17,7 @@
    On a CPU with AMX (compiled with -march=native there) and shapes that fill whole tiles (batch
    and h multiples of 32), the step matmul runs on AMX tiles instead of MKL: op(W) is packed once
    per call into the tiles' pair-interleaved (VNNI) layout, where MKL packs it again at every step,
-   which is most of its time at these sizes (h = 256: 2.6 us a step against MKL's 10).
+   which is most of its time at these sizes.
 */
 #include <math.h>
 #include <stdint.h>
@@ -216,8 +216,7 @@ void step_matmuls(gemm_fn gemm, int op_w, int ld_w, const void *W, int batch, in
 
    Y = H W + b for all of a minibatch's tokens at once: H (T x h), W (h x V), b (V), Y (T x V), all
    fp32, T = steps * batch. Its three matmuls have V (28 for the seed's vocabulary) as N or K, a
-   shape MKL runs at a tenth of its usual rate (~90 GFLOP/s, fp32 or bf16: most of its time goes
-   into packing). On tiles V is padded with zeros to Vp, the next multiple of 32:
+   shape MKL runs far below its usual rate (fp32 or bf16: most of its time goes into packing). On tiles V is padded with zeros to Vp, the next multiple of 32:
 
    forward:   Y = Hb @ bf16(W) + b          Hb = bf16(H), usually the recurrence's own copy
    backward:  dH = bf16(dY) @ bf16(W)^T;  dW^T = bf16(dY)^T @ Hb;  db = sum_t dY[t] (in fp32)

@@ -7,7 +7,7 @@ PyTorch's own bf16 matmul returns bf16, so a step `A_t += H_{t-1} @ W` would nee
 cast and an add: three ops where the math is one. MKL's `cblas_gemm_bf16bf16f32` does it in one
 call (bf16 inputs, fp32 products and output, C = alpha op(A) op(B) + beta C); PyTorch's x86 CPU
 library ships MKL and exports that function, and we call it through ctypes. On a CPU with AMX or
-AVX512-BF16 it runs the (32, 512) @ (512, 512) step about 2.7x faster than fp32.
+AVX512-BF16 it runs the step faster than fp32 (docs/performance.md has the figures per CPU).
 
 `available()` says whether this torch build and CPU have it; everything else falls back to fp32.
 """

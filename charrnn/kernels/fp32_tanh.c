@@ -45,10 +45,10 @@
 #else
 #define VL 4
 #endif
-/* The tile: MR rows x NV vectors of accumulators. Measured on Zen 5 (bench/kernel_fp32.py, the
-   seed's sizes): 4 x 4 zmm beat 8 x 2 and 6 x 4 by a few per cent at h = 512 (4 W loads and 4
-   broadcasts per 16 FMAs), 4 x 3 ymm beat 6 x 2 by ~10% (16 registers: 12 + 3 + 1), and
-   without FMA (SSE) 4 x 2 did as well as 6 x 2. Either can be given with -DMR= -DNV=. */
+/* The tile: MR rows x NV vectors of accumulators, chosen by measurement (bench/kernel_fp32.py,
+   the seed's sizes): 4 x 4 zmm (4 W loads and 4 broadcasts per 16 FMAs) beat 8 x 2 and 6 x 4,
+   4 x 3 ymm beat 6 x 2 (16 registers: 12 + 3 + 1), and without FMA (SSE) 4 x 2 did as well as
+   6 x 2. Either can be given with -DMR= -DNV=. */
 #if VL == 16
 #define MR_DEFAULT 4
 #define NV_DEFAULT 4

@@ -25,10 +25,10 @@ class TanhRNNLayer(torch.autograd.Function):
     are two ops per step on views made once, and the gradients of W_in, b and W are each one
     large op over all steps. At these sizes per-op overhead is a good part of the time.
 
-    With `bf16=True` (CPU only, see charrnn/bf16gemm.py) the step matmuls H_{t-1} W and dA_t W^T
+    With `bf16=True` (CPU only, see bf16gemm.py) the step matmuls H_{t-1} W and dA_t W^T
     and the gradient of W read bf16 copies of their inputs and accumulate in fp32; the weights,
     the hidden states returned and every other op stay fp32 (W_in's and b's gradients are fp32
-    sums of dA's rows). Its step loops run in C where charrnn/native.py could build them, else in
+    sums of dA's rows). Its step loops run in C where bf16.py could build them, else in
     Python (the same math); the C loops also look up token-id inputs and sum their gradients per
     id step by step, while each step's rows are in cache.
     """
@@ -54,7 +54,7 @@ class TanhRNNLayer(torch.autograd.Function):
             ctx.save_for_backward(X, W_in, Wb, Hs, Hb)
             Hs._bf16_copy = (Hb[1:], Hs._version)                # bf16(Hs), for the head (bf16_copy)
         else:
-            W = W.contiguous()                                   # a transposed view: ~30% slower mm
+            W = W.contiguous()                                   # a transposed view makes a slower mm
             H = H0
             for H_t in Hs.unbind(0):
                 H = H_t.addmm_(H, W).tanh_()                     # (batch, h)
@@ -168,11 +168,11 @@ def tanh_rnn_layer(X, W_in, b, H0, W, bf16: bool = False):
 
 class LinearBF16(torch.autograd.Function):
     """Y = H W + b with its three matmuls (forward, dH, dW) in bf16 on AMX tiles, accumulating in
-    fp32 (charrnn/tanh_rnn.c, "the output layer on AMX tiles"); db and every output stay fp32.
+    fp32 (bf16_tanh.c, "the output layer on AMX tiles"); db and every output stay fp32.
 
-    At the seed's sizes (1120 tokens, h = 512, vocab 28) MKL spends ~1.1 ms a minibatch on these
-    matmuls, fp32 or bf16, because a dimension of 28 leaves it little to work with; on tiles the
-    vocabulary is padded to 32 and the three take a fraction of that. `linear_head` picks it."""
+    With the vocabulary (28) as one dimension, MKL's matmuls run far below their usual rate, fp32
+    or bf16, as packing dominates; on tiles the vocabulary is padded to 32 and the three take a
+    fraction of that time. `linear_head` picks it."""
 
     @staticmethod
     def forward(ctx, H, W, b, Hb=None):
@@ -202,11 +202,11 @@ def linear_head(Hs, W, b, bf16: bool = False):
     """Hs W + b for the output layer: Hs (..., h), W (h, vocab), b (vocab,) -> (tokens, vocab),
     the tokens of Hs flattened in order.
 
-    With `bf16` (training in bf16, see bf16_now), LinearBF16 where the C library was built, the
+    With `bf16` (a bf16 kernel, training), LinearBF16 where the C library was built, the
     CPU has AMX and the sizes fill whole tiles (tokens and h multiples of 32), reading the
     recurrence's bf16 copy of Hs where it still has one (bf16_copy); fp32 otherwise, so every
     machine trains. The fp32 path is written as linear(H, W^T, b): the same numbers as H W + b,
-    but autograd then computes W's gradient as (dY^T H)^T, which MKL runs 2x faster than H^T dY here."""
+    but autograd then computes W's gradient as (dY^T H)^T, an orientation MKL runs faster than H^T dY."""
     h = Hs.shape[-1]
     H = Hs.reshape(-1, h)
     loops = native.loops() if bf16 else None
