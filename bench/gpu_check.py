@@ -4,7 +4,7 @@
 
 1. Same numbers: every model kind and both samplings train a few epochs from one seed with the
    CUDA graph and op by op; the per-epoch perplexities and the final weights are compared.
-2. The GPU against the CPU: the fused scratch RNN in fp32 on both, same seed.
+2. The GPU against the CPU: the scratch RNN in fp32 on both (cuDNN and the CPU's fastest fp32 kernel), same seed.
 3. Speed, in process: tokens/s of scratch-512 and rnn-256 (the seed's configuration) for each
    way of running a minibatch, alternating, medians over the epochs after the first few.
 
@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from charrnn.data import load_corpus  # noqa: E402
 from charrnn.train import TrainConfig, Trainer  # noqa: E402
 
-SIDES = {  # name: (fused, cuda_graphs)
-    "graph": (True, True),           # the fused recurrence, replayed from a CUDA graph (the default)
-    "eager": (True, False),          # the fused recurrence, op by op
-    "reference": (False, False),     # the seed's loop, op by op (scratch only)
-    "reference+graph": (False, True),
+SIDES = {  # name: (kernel, cuda_graphs)
+    "graph": ("auto", True),              # cuDNN (charrnn/kernels), replayed from a CUDA graph (the default)
+    "eager": ("auto", False),             # cuDNN, op by op
+    "reference": ("reference", False),    # the seed's loop, op by op (scratch only)
+    "reference+graph": ("reference", True),
 }
 
 
@@ -49,13 +49,13 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 def same_numbers(corpus, epochs: int = 6) -> list[dict]:
     rows = []
-    cases = [(kind, sampling, True) for kind in ("scratch", "rnn", "gru", "lstm") for sampling in ("sequential", "random")]
-    cases += [("scratch", "sequential", False)]   # the seed's loop (on a GPU rnn is cuDNN's either way)
-    for kind, sampling, fused in cases:
-        row = {"model": kind, "sampling": sampling, "fused": fused}
+    cases = [(kind, sampling, "auto") for kind in ("scratch", "rnn", "gru", "lstm") for sampling in ("sequential", "random")]
+    cases += [("scratch", "sequential", "reference")]   # the seed's loop (on a GPU rnn is cuDNN's either way)
+    for kind, sampling, kernel in cases:
+        row = {"model": kind, "sampling": sampling, "kernel": kernel}
         try:
-            g, g_stats = train(corpus, model=kind, sampling=sampling, fused=fused, epochs=epochs, cuda_graphs=True)
-            e, e_stats = train(corpus, model=kind, sampling=sampling, fused=fused, epochs=epochs, cuda_graphs=False)
+            g, g_stats = train(corpus, model=kind, sampling=sampling, kernel=kernel, epochs=epochs, cuda_graphs=True)
+            e, e_stats = train(corpus, model=kind, sampling=sampling, kernel=kernel, epochs=epochs, cuda_graphs=False)
             row.update(
                 graphed=g.graphed, graph_failed=g.graph_failed,
                 ppl_graph=[round(s.train_ppl, 4) for s in g_stats], ppl_eager=[round(s.train_ppl, 4) for s in e_stats],
@@ -85,11 +85,11 @@ def speed(corpus, epochs: int, rounds: int, skip: int = 3) -> list[dict]:
     runs: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
         for kind in ("scratch", "rnn"):
-            for side, (fused, graphs) in SIDES.items():
-                if kind != "scratch" and not fused:
-                    continue                    # nn.RNN on a GPU is cuDNN's whether fused or not
+            for side, (kernel, graphs) in SIDES.items():
+                if kind != "scratch" and kernel == "reference":
+                    continue                    # nn.RNN on a GPU is cuDNN's either way
                 try:
-                    trainer, stats = train(corpus, model=kind, fused=fused, cuda_graphs=graphs, epochs=epochs)
+                    trainer, stats = train(corpus, model=kind, kernel=kernel, cuda_graphs=graphs, epochs=epochs)
                     tps = statistics.median(s.tokens_per_s for s in stats[skip:])
                     print(f"round {r + 1} {kind:<8} {side:<16} {tps:>12,.0f} tokens/s  ppl {stats[-1].train_ppl:.3f}"
                           f"  graphed={trainer.graphed}", flush=True)
