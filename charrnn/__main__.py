@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-tokens", type=int, default=2_000)
     t.add_argument("--device", choices=DEVICES, default="auto")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--kernel", choices=KERNELS, default="auto",
-                   help="how the recurrence runs (auto: the fastest here; reference: the book's loop); "
-                        "see charrnn/kernels")
-    t.add_argument("--reference", action="store_true", help="the same as --kernel reference")
+    how = t.add_mutually_exclusive_group()
+    how.add_argument("--kernel", choices=KERNELS, default="auto",
+                     help="how the recurrence runs (auto: the fastest here; reference: the book's loop); "
+                          "see charrnn/kernels")
+    how.add_argument("--reference", action="store_true", help="the same as --kernel reference")
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="step matmuls while training: bf16 (CPU with AMX/AVX512-BF16), fp32, or auto: "
                         "bf16 where it runs, else fp32")

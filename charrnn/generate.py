@@ -190,7 +190,7 @@ def _pick(logits: torch.Tensor, temperature, top_k, u: torch.Tensor | None, i: i
     t = max(temperature or 1.0, MIN_TEMPERATURE)
     z = [x / t for x in logits.cpu().double().tolist()]
     if any(math.isnan(x) for x in z):
-        raise RuntimeError("The model's logits contain NaN: nothing to sample from.")
+        raise UserError("The model's logits contain NaN: nothing to sample from.")
     if top_k is not None and top_k < len(z):
         kth = sorted(z, reverse=True)[top_k - 1]
         z = [x if x >= kth else -math.inf for x in z]

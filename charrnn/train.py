@@ -289,6 +289,7 @@ class Trainer:
         until the epoch ends, so a GPU is never waited for between minibatches.
         """
         cfg, model = self.config, self.model
+        model.train()                             # the kernel's training mode (bf16 where it is)
         batches = list(SAMPLERS[cfg.sampling](self.corpus.train, cfg.batch_size, cfg.num_steps, self.rng))
         Xs = torch.stack([X for X, _ in batches]).to(self.device)            # (n, batch, steps)
         ys = torch.stack([Y.T.reshape(-1) for _, Y in batches]).to(self.device)  # (n, steps*batch), step-major like Y_hat

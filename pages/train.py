@@ -13,6 +13,7 @@ import streamlit as st
 from charrnn import kernels
 from charrnn.checkpoint import CheckpointError, CheckpointExists, path_for_name, read_metadata
 from charrnn.data import DATA_ENV, MAX_CORPUS_BYTES, TIMEMACHINE_FILE, CorpusError, decode_text
+from charrnn.errors import UserError
 from charrnn.device import available_devices, default_threads, threads_settable
 from charrnn.jobs import JobBusy, Snapshot
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
@@ -296,7 +297,7 @@ if start:
         corpus = corpus_for(name, mode, config.max_tokens, text)
         running = jobs.start(config, corpus, settings=settings | {"corpus": name, "preprocessing": mode})
         st.session_state["train_watch"] = running.id
-    except (ValueError, CorpusError, JobBusy) as e:
+    except (UserError, JobBusy) as e:
         st.error(str(e))
     else:
         st.rerun()  # draw the buttons again: Start off, Stop on
@@ -340,7 +341,7 @@ def save_clicked(job, overwrite: bool) -> None:
     except CheckpointExists:
         st.session_state["save_taken"] = (job.id, name)
         return
-    except (CheckpointError, ValueError, JobBusy) as e:
+    except (UserError, JobBusy) as e:
         st.session_state["save_said"] = ("error", str(e))
         return
     st.session_state["save_said"] = ("success", f"{'Replaced' if overwrite else 'Saved'} {path}. It is now in "

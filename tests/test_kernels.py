@@ -124,3 +124,19 @@ def test_the_apps_threads_follow_the_kernel(monkeypatch, cpu, threads):
     """AMX's bf16 loops leave a core to the browser; the C fp32 loops take both."""
     fake_cpu(monkeypatch, **cpu)
     assert kernels.app_threads(2) == threads and kernels.app_threads(1) == 1
+
+
+def test_a_cpu_kernel_forced_on_a_gpu_is_one_sentence(monkeypatch):
+    fake_cpu(monkeypatch, **ZEN5)
+    with pytest.raises(ValueError, match="Kernel avx2-fp32 cannot run here: it runs on the CPU, not on cuda"):
+        kernels.select(SCRATCH, CUDA, name="avx2-fp32")
+    assert kernels.select(SCRATCH, CUDA, name="torch-fp32").name == "torch-fp32"   # torch ops run there
+
+
+def test_auto_builds_nothing_below_its_choice(monkeypatch):
+    """The first kernel that runs wins; the C libraries of the lower ones are not built for it."""
+    fake_cpu(monkeypatch, **ZEN5)
+    asked = []
+    real = fp32.load
+    monkeypatch.setattr(fp32, "load", lambda name: asked.append(name) or real(name))
+    assert kernels.select(SCRATCH, CPU).name == "avx512-fp32" and asked == ["avx512-fp32"]

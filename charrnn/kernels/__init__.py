@@ -24,6 +24,7 @@ evaluation and generation a model runs `kernel.inference`, the fastest fp32 kern
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -110,17 +111,28 @@ def _kernel(name: str, kind: str, inference: Kernel | None) -> Kernel:
     if name == "torch-fp32":
         return Kernel(name, "fp32", tanh_rnn_layer)
     if name == "cudnn" and kind == "scratch":
+        # cuDNN warns at every call that these weights are not one flat buffer and copies them: true
+        # by design (they are the scratch model's own) and a small copy
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk",
+                                module=r"charrnn\.kernels\.fused")
         return Kernel(name, "fp32", lambda X, W_in, b, H0, W: cudnn_tanh_layer(X, W_in, b, H0, W)[0])
     if name == "cudnn":
         return Kernel(name)                      # torch.nn's own layer, which runs cuDNN's on a GPU
     return REFERENCE
 
 
+def _order(device: torch.device) -> tuple[str, ...]:
+    """Every name, best first on `device`."""
+    if device.type == "cuda":
+        return ("cudnn", "reference") + tuple(n for n in CPU_ORDER if n != "reference")
+    return CPU_ORDER + ("cudnn",)
+
+
 def choices(config, device) -> dict[str, str | None]:
-    """Every kernel name for `config` on `device`, best first, with why it cannot run (None: it can)."""
+    """Every kernel name for `config` on `device`, best first, with why it cannot run (None: it can).
+    Builds every C library that could run here, to know."""
     device = torch.device(device)
-    order = ("cudnn", "reference") if device.type == "cuda" else CPU_ORDER + ("cudnn",)
-    return {name: _why_not(name, config, device) for name in order}
+    return {name: _why_not(name, config, device) for name in _order(device)}
 
 
 def select(config, device, precision: str = "auto", name: str = "auto") -> Kernel:
@@ -132,17 +144,14 @@ def select(config, device, precision: str = "auto", name: str = "auto") -> Kerne
         raise UserError(f"Precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
     if name != "auto" and name not in NAMES:
         raise UserError(f"Unknown kernel {name!r}; choose auto or one of {', '.join(NAMES)}.")
-    found = choices(config, device)
-    if name == "auto":
-        runnable = [n for n, why in found.items() if why is None and precision in ("auto", _precision(n))]
-        if device.type == "cuda":
-            runnable = ["cudnn"] if precision != "bf16" else []
-        if not runnable:
-            why = "bf16 training runs on the CPU only" if device.type != "cpu" else found["amx-bf16"]
+    if name == "auto":                           # the first that runs: later C libraries are not built
+        name = next((n for n in _order(device) if precision in ("auto", _precision(n))
+                     and _why_not(n, config, device) is None), None)
+        if name is None:
+            why = "bf16 training runs on the CPU only" if device.type != "cpu" else _why_not("amx-bf16", config, device)
             raise UserError(f"Precision bf16 is not available: {why}; choose fp32 or auto.")
-        name = runnable[0]
-    elif found[name] is not None:
-        raise UserError(f"Kernel {name} cannot run here: {found[name]}.")
+    elif (why := _why_not(name, config, device)) is not None:
+        raise UserError(f"Kernel {name} cannot run here: {why}.")
     elif precision != "auto" and _precision(name) != precision:
         raise UserError(f"Kernel {name} trains in {_precision(name)}, not {precision}; choose precision auto.")
     inference = select(config, device, "fp32") if _precision(name) == "bf16" else None
