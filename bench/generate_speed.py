@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,27 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from charrnn.checkpoint import load_checkpoint  # noqa: E402
 from charrnn.generate import generate  # noqa: E402
-from charrnn.kernels import fp32, select  # noqa: E402
+from charrnn.kernels import build, fp32, select  # noqa: E402
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.safetensors"
 
 
 def cpu_name() -> str:
-    """lscpu's model name, /proc/cpuinfo's family and model numbers, the flags that pick a variant."""
-    model = family = number = "?"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu family"):
-                family = line.split(":", 1)[1].strip()
-            elif line.startswith("model\t") or line.startswith("model  "):
-                number = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    flags = fp32._cpu_flags() or set()
-    return (f"{model} (family {family} model {number}), {fp32.default_threads()} CPUs, "
-            f"avx2={'avx2' in flags} avx512f={'avx512f' in flags}")
+    return f"{build.cpu_info().summary()}, {fp32.default_threads()} CPUs"
 
 
 def main() -> None:

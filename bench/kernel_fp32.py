@@ -28,19 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch                                            # noqa: E402
 
-from charrnn.kernels import fp32                        # noqa: E402
+from charrnn.kernels import build, fp32                 # noqa: E402
 from charrnn.kernels.fused import TanhRNNLayer          # noqa: E402
 
 FLOPS_PER_CYCLE = {"avx512-fp32": 64, "avx2-fp32": 32, "generic-fp32": 16}
 
 
 def clock_ghz() -> float | None:
-    try:
-        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("cpu MHz")]
-        return max(mhz) / 1000 if mhz else None
-    except OSError:
-        return None
+    mhz = build.cpu_info().mhz
+    return mhz / 1000 if mhz else None
 
 
 def main() -> None:

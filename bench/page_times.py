@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,6 +31,7 @@ from playwright.sync_api import expect, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.appserver import CHROMIUM_FLAGS, app_server  # noqa: E402
+from charrnn.kernels import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -61,19 +61,7 @@ STATE = """() => ({...window.__m, now: performance.now(),
 
 
 def cpu_name() -> str:
-    """The CPU model and which of avx2, avx512f, amx_bf16 it has (Linux /proc/cpuinfo)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    has = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "amx_bf16"))
-    return f"{model} ({os.cpu_count()} CPUs; {has})"
+    return build.cpu_info().summary()
 
 
 def settled_drawn(page, settle_ms: float = 800, timeout_s: float = 90) -> float:

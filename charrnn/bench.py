@@ -30,7 +30,7 @@ import torch
 
 from .errors import UserError
 from . import kernels
-from .kernels import bf16 as native, bf16gemm
+from .kernels import bf16 as native, bf16gemm, build
 from .checkpoint import DEFAULT_NAME, checkpoint_dir, load_checkpoint
 from .device import resolve_device
 from .generate import generate
@@ -102,38 +102,22 @@ def limit_tokens_per_s(hidden: int, precision: str = "fp32", batch: int = 32,
 
 
 def fma_peak_gflops(cores: int | None = None) -> tuple[float, str] | None:
-    """(the fp32 FMA peak of `cores` cores in GFLOP/s, how it was reckoned), from /proc/cpuinfo's
-    clock and flags; None where those cannot be read."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    mhz = next((float(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu MHz")), None)
-    flags = next((set(l.split(":")[1].split()) for l in info.splitlines() if l.startswith("flags")), set())
+    """(the fp32 FMA peak of `cores` cores in GFLOP/s, how it was reckoned), from the reported
+    clock and flags; None where the clock is unknown."""
+    cpu = build.cpu_info()
+    flags = cpu.flags or frozenset()
     lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
-    if not mhz:
+    if not cpu.mhz:
         return None
     cores = cores or os.cpu_count() or 1
-    return (mhz / 1000 * 2 * lanes * 2 * cores,
-            f"{cores} cores x {mhz / 1000:.2f} GHz x 2 FMA units x {lanes} lanes x 2")
-
-
-def cpu_name() -> str:
-    """The CPU's model name and the features the kernels choose by."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "cpu"
-    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "cpu")
-    flags = next((set(l.split(":")[1].split()) for l in info.splitlines() if l.startswith("flags")), set())
-    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({', '.join(shown) or 'no AVX2'})"
+    return (cpu.mhz / 1000 * 2 * lanes * 2 * cores,
+            f"{cores} cores x {cpu.mhz / 1000:.2f} GHz x 2 FMA units x {lanes} lanes x 2")
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu: {cpu_name()}, {os.cpu_count()} cores"
+    return f"cpu: {build.cpu_info().summary()}, {os.cpu_count()} cores"
 
 
 class BenchError(RuntimeError):

@@ -238,7 +238,6 @@ class Trainer:
         self.model = model.to(self.device)
         self.kernel = kernels.select(model.config, self.device, config.precision, config.kernel)
         self.model.kernel = self.kernel
-        self.precision = self.kernel.precision
         self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
         self.graph_step = CudaGraphStep(self) if self.device.type == "cuda" and config.cuda_graphs else None
         self.step = self.graph_step or self.eager_step
@@ -248,6 +247,11 @@ class Trainer:
         self.history = {c: array("d") for c in ("epoch", "train_ppl", "val_ppl")}  # 8 bytes a value
         self.first: EpochStats | None = None      # epoch 0, the untrained model
         self.last: EpochStats | None = None       # the latest full epoch
+
+    @property
+    def precision(self) -> str:
+        """What the step matmuls train in: the kernel's."""
+        return self.kernel.precision
 
     def eager_step(self, X, y, state):
         """One minibatch, op by op: `minibatch` and the update. Returns (loss, norm, new state)."""

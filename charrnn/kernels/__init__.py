@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from ..device import default_threads
 from ..errors import UserError
 from . import bf16, bf16gemm, fp32
 from .fused import cudnn_tanh_layer, tanh_rnn_layer
@@ -63,14 +64,10 @@ class Kernel:
 REFERENCE = Kernel("reference")
 
 
-def _threads() -> int:
-    """The C loops use as many threads as torch would here: the run's count (cpu_threads) or the cores."""
-    return torch.get_num_threads()
-
-
 def _c_fp32(name: str) -> Kernel:
+    # as many threads as torch's ops get on this thread: the run's count (cpu_threads) or the cores
     return Kernel(name, "fp32", lambda X, W_in, b, H0, W: fp32.tanh_rnn_layer_fp32(
-        X, W_in, b, H0, W, variant=name, threads=_threads()))
+        X, W_in, b, H0, W, variant=name, threads=default_threads()))
 
 
 def _why_not(name: str, config, device: torch.device) -> str | None:

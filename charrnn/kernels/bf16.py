@@ -214,10 +214,9 @@ def _load() -> tuple[Loops | None, str]:
         return None, f"Python loops: {reason}"
     gemm = ctypes.cast(bf16gemm._cblas_gemm_bf16(), ctypes.c_void_p).value
     try:
-        lib, path = build.load("bf16_tanh", COMPILE, ["-lm"], check=lambda lib: Loops(lib, gemm))
+        found, path = build.load("bf16_tanh", COMPILE, ["-lm"], wrap=lambda lib: Loops(lib, gemm))
     except build.BuildError as e:
         return None, f"Python loops: {e}"
-    found = Loops(lib, gemm)
     tiles = "AMX tiles" if found._amx else "no AMX tiles"
     return found, f"C loops ({build.shown(path)}; {tiles})"
 

@@ -12,6 +12,7 @@ reason is one line, and the caller runs its Python path instead.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -21,6 +22,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,12 +56,36 @@ def compiler() -> list[str]:
     return cc
 
 
-def _cpu_fingerprint() -> str:
+@dataclass(frozen=True)
+class CPUInfo:
+    model: str                   # "AMD EPYC", "Intel(R) Xeon(R) ...", or the platform's word for it
+    flags: frozenset | None      # the kernel's feature flags (avx2, avx512f, amx_bf16, ...); None: unknown
+    mhz: float | None            # the reported clock (a VM may report it without boost)
+
+    def summary(self) -> str:
+        """The model and the features the kernels choose by, for figures that name their CPU."""
+        shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in (self.flags or ())]
+        return f"{self.model} ({', '.join(shown) or 'no AVX2'})"
+
+
+@functools.cache
+def cpu_info() -> CPUInfo:
+    """What /proc/cpuinfo (Linux) says of the first CPU; model and machine elsewhere."""
+    fields = {}
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.machine()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return platform.processor() + platform.machine()
+        pass
+    mhz = fields.get("cpu MHz")
+    return CPUInfo(model=fields.get("model name") or platform.processor() or platform.machine() or "cpu",
+                   flags=frozenset(fields["flags"].split()) if "flags" in fields else None,
+                   mhz=float(mhz) if mhz else None)
+
+
+def _cpu_fingerprint() -> str:
+    return " ".join(sorted(cpu_info().flags or ())) + platform.machine()
 
 
 def build_dirs() -> list[Path]:
@@ -112,10 +138,11 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def load(stem: str, flags: list[str], libs: list[str] = ("-lm",), check=None) -> tuple[ctypes.CDLL, Path]:
-    """charrnn/kernels/STEM.c compiled with `flags` (for the compile step only) and linked with
-    `libs`, loaded with every symbol resolved; `check(lib)` may raise AttributeError for a library
-    without the functions it needs. BuildError (one line) where it cannot be had."""
+def load(stem: str, flags: list[str], libs: list[str] = ("-lm",), wrap=lambda lib: lib) -> tuple[object, Path]:
+    """(wrap(lib), its path) for charrnn/kernels/STEM.c compiled with `flags` and linked with
+    `libs`, loaded with every symbol resolved; `wrap` may raise AttributeError for a library
+    without the functions it needs (the next build folder is tried). BuildError (one line) where
+    it cannot be had."""
     reason = unsupported()
     if reason is not None:
         raise BuildError(reason)
@@ -125,10 +152,7 @@ def load(stem: str, flags: list[str], libs: list[str] = ("-lm",), check=None) ->
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             path = _compile(cc, stem, list(flags), list(libs), out_dir)
-            lib = ctypes.CDLL(str(path), mode=os.RTLD_NOW)
-            if check is not None:
-                check(lib)
-            return lib, path
+            return wrap(ctypes.CDLL(str(path), mode=os.RTLD_NOW)), path
         except subprocess.CalledProcessError as err:       # the same source fails in any folder
             raise BuildError(f"the build failed: {_first_error(err)}") from None
         except subprocess.TimeoutExpired:

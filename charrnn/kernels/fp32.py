@@ -27,7 +27,6 @@ import ctypes
 import functools
 import os
 import platform
-from pathlib import Path
 
 import torch
 
@@ -47,15 +46,8 @@ COMPILE = ["-O3", "-fPIC"]
 LIBS = ["-lm", "-lpthread"]
 
 
-@functools.cache
-def _cpu_flags() -> set[str] | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+def _cpu_flags() -> frozenset | None:
+    return build.cpu_info().flags
 
 
 def _supported(name: str) -> tuple[bool, str]:
@@ -267,10 +259,10 @@ def _load(name: str) -> tuple[Kernel | None, str]:
     if not ok:
         return None, why
     try:
-        lib, _ = build.load("fp32_tanh", VARIANTS[name][0] + COMPILE, LIBS, check=lambda lib: Kernel(name, lib))
+        kernel, _ = build.load("fp32_tanh", VARIANTS[name][0] + COMPILE, LIBS, wrap=lambda lib: Kernel(name, lib))
     except build.BuildError as e:
         return None, str(e)
-    return Kernel(name, lib), ""
+    return kernel, ""
 
 
 def load(variant: str | None = None) -> tuple[Kernel | None, str]:
