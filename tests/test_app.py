@@ -215,6 +215,9 @@ def test_generate_from_the_shipped_model(jobs):
     html = at.get("html")[0].proto.body
     assert "time traveller" in html
     assert chart_points(at) == 10                            # top-10 next-character bars
+    from charrnn.kernels import fp32
+    path = "C generation loop" if fp32.variants() and fp32.load()[0] else "the model, a character at a time"
+    assert any(path in c.value for c in at.caption)          # which loop made the text
 
 
 def test_generate_flags_unknown_characters_and_refuses_empty_prefix(jobs):
