@@ -62,6 +62,15 @@ class Snapshot:
             return None
         return self.elapsed_s / self.epoch * (self.epochs - self.epoch)
 
+    def history_csv(self) -> str:
+        """The per-epoch history as CSV, one row an epoch (0: the untrained model), empty cells
+        where a value does not exist (no validation tokens, no update at epoch 0)."""
+        rows = [",".join(COLUMNS)]
+        for values in zip(*(self.columns[c] for c in COLUMNS)):
+            rows.append(",".join("" if v != v else (str(int(v)) if c == "epoch" else repr(v))
+                                 for c, v in zip(COLUMNS, values)))
+        return "\n".join(rows) + "\n"
+
     def last(self, column: str) -> float | None:
         values = [v for v in self.columns[column] if v == v]  # NaN != NaN
         return values[-1] if values else None

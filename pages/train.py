@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import math
+from pathlib import Path
 
 import streamlit as st
 
@@ -382,5 +383,15 @@ if ended:
         o1, o2, _ = st.columns([1, 1, 6])
         o1.button("Overwrite", key="save_overwrite", type="primary", on_click=save_clicked, args=(job, True))
         o2.button("Cancel", key="save_cancel", on_click=st.session_state.pop, args=("save_taken", None))
+    d1, d2, _ = st.columns([2, 2, 4])
+    # the data is made when the button is clicked (a callable), not on every rerun
+    d1.download_button("Download its history (CSV)", lambda: job.snapshot().history_csv(), f"{job.default_name}.csv",
+                       mime="text/csv", key="download_history", on_click="ignore",
+                       help="One row an epoch: perplexities, tokens/s, gradient norms, time.")
+    saved = [p for p in job.snapshot().saved if Path(p).is_file()]
+    if saved:                                    # the file as saved, for another machine
+        d2.download_button("Download the checkpoint", lambda: Path(saved[-1]).read_bytes(), Path(saved[-1]).name,
+                           mime="application/octet-stream", key="download_checkpoint", on_click="ignore",
+                           help="safetensors weights and JSON metadata; Generate and Inspect read it from checkpoints/.")
     with st.expander("The same run from the command line"):
         st.code(job.cli_command(), language="bash")

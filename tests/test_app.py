@@ -103,6 +103,8 @@ def test_train_live_chart_stop_and_save(jobs, book):
     at.text_input(key=f"save_name_{job.id}").set_value("from-the-app")
     at.button(key="save").click().run()
     assert any("Saved" in s.value for s in at.success), [e.value for e in at.error]
+    downloads = [d.proto.label for d in at.get("download_button")]
+    assert downloads == ["Download its history (CSV)", "Download the checkpoint"], downloads
     assert (Path(str(jobs.get(job.id).saved[0]))).is_file()
 
 
