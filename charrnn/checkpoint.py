@@ -231,6 +231,28 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> Loaded:
     return Loaded(model=model.to(device).eval(), vocab=vocab, meta=meta, path=path)
 
 
+MAX_IMPORT_BYTES = 200 * 2**20   # an uploaded checkpoint; the seed's largest model is a few MB
+
+
+def import_checkpoint(data: bytes, name: str, folder: Path | None = None, overwrite: bool = False) -> Path:
+    """A checkpoint that came from elsewhere (the app's upload), as bytes: refused above
+    MAX_IMPORT_BYTES, checked like any checkpoint (its metadata, its weights against its model
+    description; safetensors only, nothing is unpickled), then saved as checkpoints/NAME.safetensors
+    (CheckpointExists for a taken name unless `overwrite`). CheckpointError with one sentence."""
+    if len(data) > MAX_IMPORT_BYTES:
+        raise CheckpointError(f"{name} is {len(data) / 2**20:.0f} MB; a checkpoint here is at most "
+                              f"{MAX_IMPORT_BYTES // 2**20} MB.")
+    path = path_for_name(name, folder)
+    with tempfile.TemporaryDirectory(prefix="charrnn-import-") as tmp:
+        staged = Path(tmp) / path.name
+        staged.write_bytes(data)
+        try:
+            loaded = load_checkpoint(staged)
+        except CheckpointError as e:                 # name the upload, not the staging folder
+            raise CheckpointError(str(e).replace(str(staged), path.name)) from None
+    return save_checkpoint(path, loaded.model, loaded.meta, overwrite=overwrite)
+
+
 def list_checkpoints(folder: Path | None = None) -> list[dict]:
     """Every *.safetensors in the folder with a short summary; unreadable ones carry an `error`."""
     folder = folder or checkpoint_dir()

@@ -6,6 +6,7 @@ import html
 import plotly.graph_objects as go
 import streamlit as st
 
+from charrnn.checkpoint import MAX_IMPORT_BYTES, CheckpointError, import_checkpoint
 from charrnn.data import printable
 from charrnn.errors import UserError
 from charrnn.generate import MAX_LENGTH, generate
@@ -16,6 +17,22 @@ through_router()
 st.title("Generate")
 st.caption("The model reads the prefix to warm up its hidden state, then writes one character at a "
            "time, feeding each back in as the next input.")
+
+with st.expander("Add a checkpoint from a file"):
+    upload = st.file_uploader("A charrnn checkpoint (.safetensors)", type=["safetensors"], key="gen_upload",
+                              max_upload_size=MAX_IMPORT_BYTES // 2**20,
+                              help="Checked like any checkpoint and saved in checkpoints/ under its file name; "
+                                   "nothing in it is run or unpickled.")
+    done = st.session_state.setdefault("gen_imported", {})
+    if upload is not None and upload.file_id not in done:
+        try:
+            done[upload.file_id] = ("success", f"Added {import_checkpoint(upload.getvalue(), upload.name)}: "
+                                               "pick it under Model.")
+        except CheckpointError as e:
+            done[upload.file_id] = ("error", str(e))
+    if upload is not None:
+        kind, text = done[upload.file_id]
+        getattr(st, kind)(text)
 
 picked = model_picker("gen_model")
 if picked is None:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from playwright.sync_api import expect, sync_playwright
 
 from bench.appserver import CHROMIUM_FLAGS, app_server
@@ -169,4 +170,24 @@ def test_train_on_uploads_bad_and_good(page, server, tmp_path):
     page.get_by_role("button", name="Stop").click()
     expect(page.get_by_text("· stopped")).to_be_visible()
     shot(page, "train-upload")
+    no_traceback(page)
+
+
+def test_generate_adds_an_uploaded_checkpoint(page, server, tmp_path):
+    """Random bytes named .safetensors are one sentence; a real checkpoint lands in checkpoints/."""
+    open_page(page, server, "generate")
+    page.get_by_text("Add a checkpoint from a file").click()
+    dropzone = page.locator("[data-testid=stFileUploaderDropzoneInput]")
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(bytes(range(256)) * 16)
+    dropzone.set_input_files(str(noise))
+    expect(page.get_by_text("not a readable checkpoint")).to_be_visible()
+    mine = tmp_path / "shared-run.safetensors"
+    shutil.copy(server["checkpoints"] / "default.safetensors", mine)
+    dropzone.set_input_files(str(mine))
+    expect(page.get_by_text("pick it under Model")).to_be_visible()
+    from charrnn.checkpoint import load_checkpoint      # re-saved from the checked model: the same weights
+    added, original = load_checkpoint(server["checkpoints"] / "shared-run.safetensors"), load_checkpoint(mine)
+    assert all(torch.equal(a, b) for a, b in zip(added.model.state_dict().values(), original.model.state_dict().values()))
+    assert not (server["checkpoints"] / "noise.safetensors").exists()
     no_traceback(page)

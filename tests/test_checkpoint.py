@@ -221,3 +221,25 @@ def test_the_umask_is_left_alone_and_applied_to_saves(tmp_path):
                        cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0o640", "0o640", "0o27"]
+
+
+def test_an_uploaded_checkpoint_is_checked_then_saved(trained, ckpt_dir, tmp_path, monkeypatch):
+    """The app's upload: a good file lands in checkpoints/; random bytes, a truncated file, a pickle
+    renamed .safetensors and an oversized file are one sentence each and write nothing."""
+    import pickle
+    from charrnn import checkpoint
+    good = save_checkpoint(tmp_path / "good", trained.model, make_metadata(trained)).read_bytes()
+    path = checkpoint.import_checkpoint(good, "mine.safetensors")
+    assert path == ckpt_dir / "mine.safetensors" and load_checkpoint(path).meta["model"]["kind"] == "lstm"
+    with pytest.raises(checkpoint.CheckpointExists):
+        checkpoint.import_checkpoint(good, "mine")
+    bad = {"noise.safetensors": os.urandom(4096), "truncated.safetensors": good[: len(good) // 2],
+           "pickled.safetensors": pickle.dumps({"weights": [1.0, 2.0]})}
+    for name, data in bad.items():
+        with pytest.raises(CheckpointError, match="not a readable checkpoint") as e:
+            checkpoint.import_checkpoint(data, name)
+        assert name in str(e.value) and "charrnn-import-" not in str(e.value)   # names the upload
+    monkeypatch.setattr(checkpoint, "MAX_IMPORT_BYTES", len(good) - 1)
+    with pytest.raises(CheckpointError, match="at most"):
+        checkpoint.import_checkpoint(good, "big")
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["mine.safetensors"]
