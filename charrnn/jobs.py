@@ -172,16 +172,21 @@ class Job:
 
     def cli_command(self) -> str:
         """The command line that trains the same model headless."""
-        c, corpus = self.config, self.corpus
-        val = 0 if corpus.val is None else len(corpus.val)
-        args = ["--corpus", corpus.name, "--preprocessing", corpus.preprocessing, "--model", c.model,
-                "--hidden", c.hidden_size, "--layers", c.num_layers] + (["--bidirectional"] if c.bidirectional else []) + [
-                "--batch-size", c.batch_size, "--num-steps", c.num_steps, "--lr", repr(c.lr), "--optimizer", c.optimizer,
-                "--epochs", c.epochs, "--clip", repr(c.clip), "--sampling", c.sampling, "--max-tokens", c.max_tokens,
-                "--val-tokens", val, "--seed", c.seed, "--device", c.device, "--precision", c.precision, "--kernel", c.kernel, "--threads", c.threads]
-        if not c.cuda_graphs:
-            args.append("--no-cuda-graphs")
-        return "python -m charrnn train " + shlex.join(str(a) for a in args)
+        val = 0 if self.corpus.val is None else len(self.corpus.val)
+        return cli_command(self.config, self.corpus.name, self.corpus.preprocessing, val)
+
+
+def cli_command(c: TrainConfig, corpus: str = "timemachine", preprocessing: str = "seed", val: int = 2_000) -> str:
+    """The command line that trains with these settings headless."""
+    args = ["--corpus", corpus, "--preprocessing", preprocessing, "--model", c.model,
+            "--hidden", c.hidden_size, "--layers", c.num_layers] + (["--bidirectional"] if c.bidirectional else []) + [
+            "--batch-size", c.batch_size, "--num-steps", c.num_steps, "--lr", repr(c.lr), "--optimizer", c.optimizer,
+            "--epochs", c.epochs, "--clip", repr(c.clip), "--sampling", c.sampling, "--max-tokens", c.max_tokens,
+            "--val-tokens", val, "--seed", c.seed, "--device", c.device, "--precision", c.precision,
+            "--kernel", c.kernel, "--threads", c.threads]
+    if not c.cuda_graphs:
+        args.append("--no-cuda-graphs")
+    return "python -m charrnn train " + shlex.join(str(a) for a in args)
 
 
 def default_label(config: TrainConfig, corpus: Corpus, job_id: str) -> str:

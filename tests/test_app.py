@@ -269,3 +269,27 @@ def test_train_precision_setting(jobs, book):
     assert (job.snapshot().kernel, job.snapshot().precision) == (expected.name, expected.precision)
     assert poll(at, lambda a: any(f"· {expected.name} ·" in p.proto.text for p in a.get("progress")))
     job.stop()
+
+
+def test_the_train_settings_travel_in_the_link(jobs):
+    """Opening a link fills the settings in; a bad value is one warning and keeps its default;
+    the link follows every change; the page shows the same settings as a command line."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("pages/train.py")
+    for key, value in {"model": "rnn", "hidden": "64", "lr": "abc", "epochs": "7", "sampling": "random",
+                       "bidirectional": "maybe", "clip": "0.5"}.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="train_model").value == "rnn" and at.number_input(key="train_hidden_rnn").value == 64
+    assert at.number_input(key="train_epochs").value == 7 and at.radio(key="train_sampling").value == "random"
+    assert at.number_input(key="train_clip").value == 0.5
+    assert at.number_input(key="train_lr").value == 1.0 and at.checkbox(key="train_bidirectional").value is False
+    (warning,) = [w.value for w in at.warning if "link" in w.value]
+    assert "lr=abc" in warning and "bidirectional=maybe" in warning
+    assert at.query_params["lr"] == "1" and at.query_params["hidden"] == "64"         # the link, mended
+    at.number_input(key="train_epochs").set_value(9).run()
+    assert at.query_params["epochs"] == "9"                                            # follows the change
+    command = next(c.value for c in at.code if c.value.startswith("python -m charrnn train"))
+    assert "--model rnn --hidden 64" in command and "--epochs 9" in command and "--sampling random" in command
