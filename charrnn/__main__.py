@@ -84,12 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="CPU threads for the run (default 0: one per core)")
     t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a CUDA device, launch each op from Python instead of replaying a recorded graph")
+    t.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue a saved run for --epochs more, with its settings, optimizer state, minibatch "
+                        "order and history (--lr, --clip, --device, --threads, --precision, --kernel may change; "
+                        "a change of lr, clip, precision or kernel ends the match with an uninterrupted run)")
     t.add_argument("--save", metavar="NAME", help="checkpoint name (in checkpoints/) or path; a taken name "
                                                     "is refused unless --overwrite is given")
     t.add_argument("--overwrite", action="store_true", help="let --save replace an existing checkpoint")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p.train = t                                  # its defaults tell what a user gave (resume_config)
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--checkpoint", default="default", help="checkpoint name or path (default: the shipped model)")
     g.add_argument("--prefix", default="time traveller")
@@ -113,7 +118,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RESUMABLE = ("epochs", "lr", "clip", "device", "threads", "precision", "kernel")   # what --resume may change
+NOT_SETTINGS = {"command", "argv", "defaults", "resume", "save", "overwrite", "json", "quiet",
+                "corpus"}   # the corpus is checked against the saved SHA-1 instead
+
+
+def resume_config(args, parser_defaults: dict):
+    """(the checkpoint, its TrainConfig with the allowed changes): UserError for any other setting given."""
+    loaded = load_checkpoint(resolve(args.resume))
+    saved = loaded.meta.get("train")
+    if not isinstance(saved, dict):
+        raise UserError(f"{loaded.path} has no training settings to continue.")
+    given = sorted(k for k, v in vars(args).items()
+                   if k not in NOT_SETTINGS | set(RESUMABLE) and v != parser_defaults.get(k))
+    if given:
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        raise UserError(f"--resume continues the saved run's settings, so {flags} cannot be given; "
+                        f"only {', '.join('--' + r for r in RESUMABLE)} may change.")
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields} |
+                         {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) != parser_defaults.get(k)})
+    changed = [k for k in ("lr", "clip", "precision", "kernel") if getattr(config, k) != saved.get(k)]
+    if changed:
+        print(f"charrnn: {', '.join(changed)} differ from the saved run's: the result will not match an "
+              "uninterrupted run.", file=sys.stderr)
+    return loaded, config
+
+
 def cmd_train(args) -> None:
+    if args.resume:
+        return cmd_train_from(*resume_config(args, args.defaults), args)
     config = TrainConfig(
         model=args.model, hidden_size=args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
         batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, epochs=args.epochs, clip=args.clip,
@@ -127,7 +161,32 @@ def cmd_train(args) -> None:
         except CheckpointExists as e:
             fail(taken_message(e.path))
     corpus = load_corpus(args.corpus, args.preprocessing, config.max_tokens, args.val_tokens)
-    trainer = Trainer(config, corpus)
+    run_trainer(Trainer(config, corpus), args, save_path)
+
+
+def cmd_train_from(loaded, config, args) -> None:
+    """--resume: the saved run's corpus (checked by its SHA-1), weights and state, N more epochs."""
+    save_path = resolve(args.save) if args.save else None
+    if save_path is not None:
+        try:
+            check_writable(save_path, overwrite=args.overwrite)
+        except CheckpointExists as e:
+            fail(taken_message(e.path))
+    c = loaded.meta["corpus"]
+    source = "timemachine" if c["name"] == "timemachine" else args.corpus
+    if source == "timemachine" and c["name"] != "timemachine":
+        raise UserError(f"The saved run trained on {c['name']}: give that text with --corpus PATH.")
+    corpus = load_corpus(source, loaded.preprocessing, config.max_tokens, c.get("val_tokens", 2_000))
+    if corpus.sha1 != c["sha1"]:
+        raise UserError(f"{source} is not the text the saved run trained on (SHA-1 {corpus.sha1[:12]}…, "
+                        f"not {c['sha1'][:12]}…).")
+    trainer = Trainer(config, corpus, model=loaded.model)
+    trainer.resume(loaded.meta, loaded.optimizer)
+    run_trainer(trainer, args, save_path)
+
+
+def run_trainer(trainer, args, save_path) -> None:
+    config = trainer.config
     command = "python -m charrnn " + shlex.join(args.argv)
     bar = tqdm(total=config.epochs, unit="epoch", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
     t0, status = time.perf_counter(), 0
@@ -192,7 +251,7 @@ def save_trained(path: Path, trainer, command: str, overwrite: bool) -> Path:
     NAME-YYYYmmdd-HHMMSS (-2, -3, ... if need be) beside it, so that the run is not lost."""
     meta = make_metadata(trainer, command=command)
     try:
-        saved = save_checkpoint(path, trainer.model, meta, overwrite=overwrite)
+        saved = save_checkpoint(path, trainer.model, meta, overwrite=overwrite, optimizer=trainer.resume_state()[0])
         print(f"charrnn: saved {saved} (epoch {trainer.epoch}).", file=sys.stderr)
         return saved
     except CheckpointExists as e:
@@ -202,7 +261,8 @@ def save_trained(path: Path, trainer, command: str, overwrite: bool) -> Path:
     for n in itertools.count(1):
         tail = f"-{stamp}" + (f"-{n}" if n > 1 else "")
         try:
-            saved = save_checkpoint(taken.with_name(stem[:64 - len(tail)] + tail + SUFFIX), trainer.model, meta)
+            saved = save_checkpoint(taken.with_name(stem[:64 - len(tail)] + tail + SUFFIX), trainer.model, meta,
+                                    optimizer=trainer.resume_state()[0])
             break
         except CheckpointExists:
             continue
@@ -245,8 +305,11 @@ def cmd_list(args) -> None:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.argv = argv
+    if args.command == "train":                  # what the user left alone (--resume refuses the rest)
+        args.defaults = {k: parser.train.get_default(k) for k in vars(args)}
     try:
         if args.command == "train":
             cmd_train(args)

@@ -17,7 +17,7 @@ import re
 import secrets
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import safetensors
@@ -31,6 +31,7 @@ from .models import ModelConfig, build_model
 
 FORMAT, FORMAT_VERSION = "charrnn-checkpoint", 1
 SUFFIX = ".safetensors"
+OPTIMIZER = "optimizer."     # the prefix of the optimizer's tensors beside the weights (Trainer.resume_state)
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # CHARRNN_CHECKPOINTS overrides
 DEFAULT_NAME = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -54,6 +55,7 @@ class Loaded:
     vocab: Vocab
     meta: dict
     path: Path
+    optimizer: dict = field(default_factory=dict)   # the optimizer's tensors, to continue the run
 
     @property
     def preprocessing(self) -> str:
@@ -104,6 +106,7 @@ def make_metadata(trainer, command: str | None = None, settings: dict | None = N
                     "tokens_per_s": trainer.tokens_per_s or None},
         "history": {"epoch": [int(e) for e in h["epoch"]], "train_ppl": nan_to_none(h["train_ppl"]),
                     "val_ppl": nan_to_none(h["val_ppl"])},
+        "resume": trainer.resume_state()[1],
     }
 
 
@@ -146,7 +149,8 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         pass
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict, overwrite: bool = False) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict, overwrite: bool = False,
+                    optimizer: dict | None = None) -> Path:
     """Write weights + metadata atomically (temporary file in the same folder, then a link or a
     rename). An existing file is replaced only with `overwrite`; otherwise CheckpointExists, and
     the existing file is left exactly as it was."""
@@ -154,6 +158,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict, o
     if not overwrite and os.path.lexists(path):    # refuse early; _publish makes the refusal race-free
         raise CheckpointExists(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors |= {OPTIMIZER + k: v.detach().cpu().contiguous() for k, v in (optimizer or {}).items()}
     data = safetensors.torch.save(tensors, metadata={"charrnn": json.dumps(metadata)})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,11 +229,12 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> Loaded:
         if len(vocab) != config.vocab_size:
             raise ValueError("vocabulary size")
         tensors = safetensors.torch.load_file(str(path))
+        optimizer = {k[len(OPTIMIZER):]: tensors.pop(k) for k in list(tensors) if k.startswith(OPTIMIZER)}
         model = build_model(config, device=device)            # the fastest fp32 kernel there
         model.load_state_dict(tensors, strict=True)
     except Exception:
         raise CheckpointError(f"{path} is damaged: its weights do not match its model description.") from None
-    return Loaded(model=model.to(device).eval(), vocab=vocab, meta=meta, path=path)
+    return Loaded(model=model.to(device).eval(), vocab=vocab, meta=meta, path=path, optimizer=optimizer)
 
 
 MAX_IMPORT_BYTES = 200 * 2**20   # an uploaded checkpoint; the seed's largest model is a few MB
@@ -250,7 +256,7 @@ def import_checkpoint(data: bytes, name: str, folder: Path | None = None, overwr
             loaded = load_checkpoint(staged)
         except CheckpointError as e:                 # name the upload, not the staging folder
             raise CheckpointError(str(e).replace(str(staged), path.name)) from None
-    return save_checkpoint(path, loaded.model, loaded.meta, overwrite=overwrite)
+    return save_checkpoint(path, loaded.model, loaded.meta, overwrite=overwrite, optimizer=loaded.optimizer)
 
 
 def list_checkpoints(folder: Path | None = None) -> list[dict]:

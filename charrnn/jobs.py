@@ -165,7 +165,8 @@ class Job:
         if self.trainer.epoch == 0:
             raise UserError("This run has not finished an epoch yet: there is nothing to save.")
         meta = make_metadata(self.trainer, command=self.cli_command(), settings=self.settings)
-        path = save_checkpoint(path_for_name(name), self.trainer.model, meta, overwrite=overwrite)
+        path = save_checkpoint(path_for_name(name), self.trainer.model, meta, overwrite=overwrite,
+                               optimizer=self.trainer.resume_state()[0])
         with self._lock:
             self.saved.append(str(path))
         return str(path)

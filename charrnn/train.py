@@ -8,6 +8,7 @@ The loop never prints or plots; the CLI's progress bar and the app's charts subs
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 import threading
@@ -248,6 +249,57 @@ class Trainer:
         self.first: EpochStats | None = None      # epoch 0, the untrained model
         self.last: EpochStats | None = None       # the latest full epoch
 
+    def _epoch_start(self) -> tuple:
+        """What an epoch changes, as it was before it: the weights, the optimizer's state and the
+        minibatch order's random state (a stopped epoch is undone whole, so it can be continued)."""
+        return ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                copy.deepcopy(self.optimizer.state_dict()), self.rng.getstate())
+
+    def _back_to(self, start: tuple) -> None:
+        weights, optimizer, rng = start
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(optimizer)
+        self.rng.setstate(rng)
+
+    def resume_state(self) -> tuple[dict, dict]:
+        """What continuing this run later needs besides the weights and the history: (the
+        optimizer's tensors by name, plain JSON data: the counters, the minibatch order's random
+        state, the optimizer's other state)."""
+        state = self.optimizer.state_dict()
+        tensors, numbers = {}, {}
+        for index, values in state["state"].items():
+            for name, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{name}"] = value
+                else:
+                    numbers[f"{index}.{name}"] = value
+        version, internal, gauss = self.rng.getstate()
+        return tensors, {"epoch": self.epoch, "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
+                         "rng": [version, list(internal), gauss], "optimizer": self.config.optimizer,
+                         "optimizer_numbers": numbers}
+
+    def resume(self, meta: dict, optimizer_tensors: dict) -> None:
+        """Continue the run a checkpoint saved (its metadata and optimizer tensors; the weights are
+        the model's already): its epoch count, history, minibatch order and optimizer state, so that
+        the next epochs are the ones an uninterrupted run would have trained."""
+        saved = meta.get("resume")
+        if not isinstance(saved, dict) or saved.get("optimizer") != self.config.optimizer:
+            raise UserError("This checkpoint cannot be continued: it has no optimizer state for "
+                            f"{self.config.optimizer} (it was saved by an older charrnn, or another optimizer).")
+        self.epoch = int(saved["epoch"])
+        self.train_tokens, self.train_seconds = saved["train_tokens"], float(saved["train_seconds"])
+        version, internal, gauss = saved["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        history = meta.get("history") or {}
+        for column, values in self.history.items():
+            values.extend(NAN if v is None else v for v in history.get(column, []))
+        state = {}
+        for key, value in list(optimizer_tensors.items()) + list(saved.get("optimizer_numbers", {}).items()):
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value.to(self.device) if torch.is_tensor(value) else value
+        current = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
     @property
     def precision(self) -> str:
         """What the step matmuls train in: the kernel's."""
@@ -342,21 +394,21 @@ class Trainer:
             yield stats
         last_epoch = self.epoch + cfg.epochs
         while self.epoch < last_epoch:
-            good = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            good = self._epoch_start()
             t0 = time.perf_counter()
             try:
                 result = self.train_epoch(stop)
             except KeyboardInterrupt:              # Ctrl-C in the CLI: the same as a stop
-                self.model.load_state_dict(good)
+                self._back_to(good)
                 raise
             if result is None:                     # stopped mid-epoch: back to the last full epoch,
-                self.model.load_state_dict(good)   # so the weights match what the history says
+                self._back_to(good)                # so the weights match what the history says
                 return
             loss_sum, tokens, norms = result
             seconds = time.perf_counter() - t0
             mean_loss = loss_sum / tokens
             if not (mean_loss < MAX_LOSS and bool(torch.isfinite(norms).all())):  # NaN fails `<` too
-                self.model.load_state_dict(good)
+                self._back_to(good)
                 raise TrainingDiverged(
                     f"Training diverged in epoch {self.epoch + 1} (the loss became NaN or exploded); "
                     f"the model keeps the weights of epoch {self.epoch}. Try a lower learning rate "
