@@ -18,7 +18,7 @@ import shlex
 import threading
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 from .checkpoint import make_metadata, path_for_name, save_checkpoint
@@ -40,7 +40,7 @@ class Snapshot:
     label: str
     status: str                    # running | finished | stopped | failed
     error: str | None
-    epochs: int                    # asked for
+    epochs: int                    # the epoch the run trains up to (more after a Continue)
     epoch: int                     # full epochs done
     columns: dict[str, list[float]]
     samples: list[tuple[int, str]]  # (epoch, text), oldest first
@@ -94,11 +94,28 @@ class Job:
         self._started = time.perf_counter()
         self.started_at = time.localtime()                 # wall clock, for names that outlive the process
         self._ended: float | None = None
+        self._target = config.epochs                        # the epoch this run trains up to
         self._thread = threading.Thread(target=self._work, name=f"charrnn-{self.id}", daemon=True)
 
     def start(self) -> "Job":
         self._thread.start()
         return self
+
+    def _continue(self, epochs: int) -> "Job":
+        """Train `epochs` more epochs in a new worker thread (JobRegistry.resume checks that no
+        run trains meanwhile); the history, the chart's curve and the saved run continue."""
+        if self.running or self._thread.is_alive():
+            raise JobBusy(f"{self.label} is still training.")
+        config = replace(self.config, epochs=epochs)    # validated like any setting
+        with self._lock:
+            self.trainer.config = self.config = config
+            self._target = self.trainer.epoch + epochs
+            if self._ended is not None:                # the time between the runs is not training
+                self._started += time.perf_counter() - self._ended
+            self.status, self.error, self._ended = "running", None, None
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._work, name=f"charrnn-{self.id}", daemon=True)
+        return self.start()
 
     def _record(self, stats: EpochStats) -> None:
         with self._lock:
@@ -145,7 +162,7 @@ class Job:
             end = self._ended or time.perf_counter()
             return Snapshot(
                 id=self.id, label=self.label, status=self.status, error=self.error,
-                epochs=self.config.epochs, epoch=self.trainer.epoch,
+                epochs=self._target, epoch=self.trainer.epoch,
                 columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples),
                 elapsed_s=end - self._started, config=self.config, vocab_size=len(self.corpus.vocab),
                 precision=self.trainer.precision, kernel=self.trainer.kernel.name, saved=list(self.saved),
@@ -217,6 +234,17 @@ class JobRegistry:
             for old in ended[:max(0, len(self._jobs) - self.keep)]:  # forget the oldest ended runs
                 del self._jobs[old.id]
             return job.start()
+
+    def resume(self, job_id: str, epochs: int) -> Job:
+        """Continue an ended run for `epochs` more epochs; refused with JobBusy while any run trains."""
+        with self._lock:
+            running = self._running()
+            if running is not None:
+                raise JobBusy(f"A run is already training ({running.snapshot().label}); stop it first.")
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise UserError("That run is no longer kept here; load its checkpoint instead.")
+            return job._continue(epochs)
 
     def _running(self) -> Job | None:
         return next((j for j in self._jobs.values() if j.running), None)

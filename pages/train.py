@@ -483,6 +483,18 @@ if ended:
         o1.button("Overwrite", key="save_overwrite", type="primary", on_click=save_clicked, args=(job, True))
         o2.button("Cancel", key="save_cancel", on_click=st.session_state.pop, args=("save_taken", None))
     d1, d2, _ = st.columns([2, 2, 4])
+    k1, k2, _ = st.columns([1, 1, 6], vertical_alignment="bottom")
+    more = k1.number_input("More epochs", 1, MAX_EPOCHS, 100, key="continue_epochs",
+                           help="Continue this run where it ended: the same settings, optimizer state and "
+                                "minibatch order; its curve on the chart goes on.")
+    if k2.button("Continue", key="continue", disabled=running is not None):
+        try:
+            jobs.resume(job.id, int(more))
+            st.session_state["train_watch"] = job.id
+        except (UserError, JobBusy) as e:
+            st.error(str(e))
+        else:
+            st.rerun()
     # the data is made when the button is clicked (a callable), not on every rerun
     d1.download_button("Download its history (CSV)", lambda: job.snapshot().history_csv(), f"{job.default_name}.csv",
                        mime="text/csv", key="download_history", on_click="ignore",

@@ -293,3 +293,16 @@ def test_the_train_settings_travel_in_the_link(jobs):
     assert at.query_params["epochs"] == "9"                                            # follows the change
     command = next(c.value for c in at.code if c.value.startswith("python -m charrnn train"))
     assert "--model rnn --hidden 64" in command and "--epochs 9" in command and "--sampling random" in command
+
+
+def test_continue_goes_on_with_the_same_run(jobs):
+    job = ended_job(jobs, seed=1)
+    before = job.trainer.epoch
+    at = app("train")
+    at.number_input(key="continue_epochs").set_value(2)
+    at.button(key="continue").click().run()
+    assert not at.exception and not at.error
+    job.join(60)
+    assert poll(at, lambda a: not jobs.running())
+    assert job.trainer.epoch == before + 2 and len(job.snapshot().columns["epoch"]) == before + 3   # one curve
+    assert len(jobs.jobs()) == 1                                  # the same run, not a new one

@@ -7,6 +7,7 @@ import time
 import types
 
 import pytest
+import torch
 
 from charrnn import jobs as jobs_module
 from charrnn.checkpoint import CheckpointExists, load_checkpoint, read_metadata
@@ -141,3 +142,21 @@ def test_history_downloads_as_csv(registry, small_corpus):
     untrained, last = lines[1].split(","), lines[-1].split(",")
     assert untrained[1] == "" and float(untrained[2]) > 1          # epoch 0: no training loss, a validation one
     assert float(last[1]) == job.snapshot().last("train_ppl")      # full precision, not rounded
+
+
+def test_an_ended_run_continues_where_it_stopped(registry, small_corpus):
+    """Continue: the same job trains more epochs, its history goes on, and it ends where one
+    longer run ends."""
+    job = registry.start(TrainConfig(**SMALL, epochs=2, sample_every=10**6), small_corpus)
+    job.join(60)
+    other = registry.start(TrainConfig(**SMALL, epochs=1), small_corpus)
+    with pytest.raises(JobBusy):
+        registry.resume(job.id, 3)                  # one run at a time
+    other.join(60)
+    registry.resume(job.id, 3).join(60)
+    snap = job.snapshot()
+    assert snap.status == "finished" and snap.epoch == snap.epochs == 5
+    assert snap.columns["epoch"] == [0, 1, 2, 3, 4, 5]
+    longer = registry.start(TrainConfig(**SMALL, epochs=5, sample_every=10**6), small_corpus)
+    longer.join(60)
+    assert all(torch.equal(p, q) for p, q in zip(job.trainer.model.parameters(), longer.trainer.model.parameters()))
