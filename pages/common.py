@@ -2,6 +2,7 @@
 model picker of Generate and Inspect. Streamlit code only; the work happens in charrnn."""
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from contextlib import contextmanager
@@ -84,6 +85,7 @@ class Picked:
     vocab: Vocab
     preprocessing: str
     meta: dict | None
+    checkpoint: str | None = None     # the saved checkpoint's name, when it is one
 
 
 def seed_vocab() -> Vocab:
@@ -104,9 +106,10 @@ def _untrained() -> Picked:
     return Picked(UNTRAINED, model, vocab, "seed", None)
 
 
-def model_picker(key: str) -> Picked | None:
+def model_picker(key: str, wanted: str | None = None) -> Picked | None:
     """A selectbox over saved checkpoints (the shipped default first), this session's ended runs,
-    and an untrained model. Returns the picked model, or None (with a message) if it cannot load."""
+    and an untrained model. Returns the picked model, or None (with a message) if it cannot load.
+    `wanted`: a checkpoint's name to select, once (a link's), with a warning if there is none."""
     entries = list_checkpoints()
     readable = [e for e in entries if "error" not in e]
     readable.sort(key=lambda e: e["name"] != DEFAULT_NAME)
@@ -117,6 +120,12 @@ def model_picker(key: str) -> Picked | None:
         if not job.running and job.trainer.epoch > 0:
             options[f"this session: {job.label} ({job.trainer.epoch} epochs)"] = job
     options[UNTRAINED] = None
+    if wanted is not None:
+        match = next((label for label, path in options.items() if isinstance(path, str) and Path(path).stem == wanted), None)
+        if match is None:
+            st.warning(f"The link's checkpoint={wanted} is not in checkpoints/: the default model is picked.")
+        else:
+            st.session_state[key] = match
     label = st.selectbox("Model", list(options), key=key, persist_state="session",
                          help="Saved checkpoints in checkpoints/, the runs trained in this app, "
                               "or a model before any training.")
@@ -132,6 +141,74 @@ def model_picker(key: str) -> Picked | None:
         except (CheckpointError, OSError) as e:
             st.error(str(e))
             return None
-        return Picked(label, loaded.model, loaded.vocab, loaded.preprocessing, loaded.meta)
+        return Picked(label, loaded.model, loaded.vocab, loaded.preprocessing, loaded.meta, Path(choice).stem)
     job = choice
     return Picked(label, job.trainer.model, job.corpus.vocab, job.corpus.preprocessing, None)
+
+
+# -----------------------------------------------------------------------------
+# settings in the page's link (?model=rnn&lr=0.5): parsers raise ValueError("what it must be")
+
+def whole_number(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise ValueError(f"a whole number from {lo:,} to {hi:,}")
+        return value
+    return parse
+
+
+def number(lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not lo <= value <= hi:                # NaN fails too
+            raise ValueError(f"a number from {lo:g} to {hi:g}")
+        return value
+    return parse
+
+
+def one_of(options):
+    def parse(text: str):
+        if text not in options:
+            raise ValueError(f"one of {', '.join(map(str, options))}")
+        return text
+    return parse
+
+
+def true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError("true or false")
+    return text.lower() in ("true", "1")
+
+
+def read_link(spec: dict, page: str, **key_of) -> None:
+    """Once per session and page: the settings in the link fill the widgets in. `spec` maps a
+    query key to (widget key, parser); `key_of[name](given)` gives a widget key that depends on
+    other settings. An invalid value is named in one warning and keeps its default."""
+    if st.session_state.get(f"{page}_link_read"):
+        return
+    st.session_state[f"{page}_link_read"] = True
+    given, bad = st.query_params.to_dict(), []
+    for name, (key, parse) in spec.items():
+        if name not in given:
+            continue
+        try:
+            st.session_state[key_of[name](given) if name in key_of else key] = parse(given[name])
+        except ValueError as e:
+            bad.append(f"{name}={given[name]} (it must be {e})")
+    if bad:
+        st.warning("The link's " + "; ".join(bad) + " could not be used: those settings keep their defaults.")
+
+
+def write_link(values: dict) -> None:
+    """The page's query string becomes `values` (booleans as true/false, floats short), if it differs."""
+    text = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+    wanted = {name: text(v) for name, v in values.items() if v is not None}
+    if st.query_params.to_dict() != wanted:
+        st.query_params.from_dict(wanted)

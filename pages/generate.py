@@ -10,7 +10,7 @@ from charrnn.checkpoint import MAX_IMPORT_BYTES, CheckpointError, import_checkpo
 from charrnn.data import printable
 from charrnn.errors import UserError
 from charrnn.generate import MAX_LENGTH, generate
-from pages.common import through_router, model_picker
+from pages.common import model_picker, number, read_link, through_router, whole_number, write_link
 
 through_router()
 
@@ -34,7 +34,16 @@ with st.expander("Add a checkpoint from a file"):
         kind, text = done[upload.file_id]
         getattr(st, kind)(text)
 
-picked = model_picker("gen_model")
+LINK = {"prefix": ("gen_prefix", lambda text: text[:2000]), "length": ("gen_length", whole_number(0, MAX_LENGTH)),
+        "temperature": ("gen_temperature", number(0.05, 3.0)), "top_k": ("gen_top_k", whole_number(0, 1000)),
+        "seed": ("gen_seed", whole_number(0, 2**31 - 1))}
+wanted = None
+if not st.session_state.get("gen_link_read"):
+    wanted = st.query_params.get("checkpoint")
+    if any(k in st.query_params for k in ("temperature", "top_k", "seed")):
+        st.session_state["gen_mode"] = "sample"        # those settings belong to sampling
+read_link(LINK, "gen")
+picked = model_picker("gen_model", wanted)
 if picked is None:
     st.stop()
 if picked.meta:
@@ -54,6 +63,10 @@ temperature = c2.slider("Temperature", 0.05, 3.0, 1.0, 0.05, key="gen_temperatur
 top_k = c3.number_input("Top-k (0: all)", 0, 1000, 0, key="gen_top_k", persist_state="session", disabled=mode == "greedy")
 seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed", persist_state="session", disabled=mode == "greedy",
                        help="The same seed gives the same text.")
+
+# the link reproduces what is shown: the checkpoint, the prefix, the length and the sampling
+write_link({"checkpoint": picked.checkpoint, "prefix": prefix, "length": int(length)} |
+           ({} if mode == "greedy" else {"temperature": float(temperature), "top_k": int(top_k), "seed": int(seed)}))
 
 if st.button("Generate", type="primary", key="generate"):
     kwargs = {} if mode == "greedy" else dict(temperature=temperature, top_k=top_k or None, seed=seed)

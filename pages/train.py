@@ -19,7 +19,8 @@ from charrnn.device import available_devices, default_threads, threads_settable
 from charrnn.jobs import JobBusy, Snapshot, cli_command
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
 from charrnn.train import KERNELS, MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig
-from pages.common import corpus_for, registry, through_router, timemachine_problem
+from pages.common import (corpus_for, number, one_of, read_link, registry, through_router, true_or_false, whole_number,
+                          timemachine_problem, write_link)
 from pages.live_plot import live_plot, preload_plotly
 
 through_router()
@@ -37,61 +38,23 @@ jobs = registry()
 # -----------------------------------------------------------------------------
 # settings
 
-def _int(lo: int, hi: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not lo <= value <= hi:
-            raise ValueError(f"a whole number from {lo:,} to {hi:,}")
-        return value
-    return parse
-
-
-def _float(lo: float, hi: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not lo <= value <= hi:                # NaN fails too
-            raise ValueError(f"a number from {lo:g} to {hi:g}")
-        return value
-    return parse
-
-
-def _one_of(options):
-    def parse(text: str):
-        if text not in options:
-            raise ValueError(f"one of {', '.join(map(str, options))}")
-        return text
-    return parse
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise ValueError("true or false")
-    return text.lower() in ("true", "1")
-
-
 # the settings a link carries: the query key (the CLI's flag, '-' as '_') -> (widget key, parser)
 LINK = {
-    "model": ("train_model", _one_of(KINDS)),
-    "hidden": (None, _int(1, MAX_HIDDEN)),       # the widget's key depends on the model
-    "layers": ("train_layers", _int(1, MAX_LAYERS)),
-    "bidirectional": ("train_bidirectional", _bool),
-    "batch_size": ("train_batch", _int(1, 4096)),
-    "num_steps": ("train_steps", _int(1, 1000)),
-    "lr": ("train_lr", _float(1e-6, 1e4)),
-    "optimizer": ("train_optimizer", _one_of(["sgd", "adam"])),
-    "epochs": ("train_epochs", _int(1, MAX_EPOCHS)),
-    "clip": ("train_clip", _float(0.0, 1e6)),
-    "sampling": ("train_sampling", _one_of(["sequential", "random"])),
-    "max_tokens": ("train_max_tokens", _int(0, 10_000_000)),
-    "seed": ("train_seed", _int(0, 2**31 - 1)),
-    "precision": ("train_precision", _one_of(PRECISIONS)),
-    "kernel": ("train_kernel", _one_of(KERNELS)),
+    "model": ("train_model", one_of(KINDS)),
+    "hidden": ("hidden", whole_number(1, MAX_HIDDEN)),   # the widget's key depends on the model: read_link's `hidden`
+    "layers": ("train_layers", whole_number(1, MAX_LAYERS)),
+    "bidirectional": ("train_bidirectional", true_or_false),
+    "batch_size": ("train_batch", whole_number(1, 4096)),
+    "num_steps": ("train_steps", whole_number(1, 1000)),
+    "lr": ("train_lr", number(1e-6, 1e4)),
+    "optimizer": ("train_optimizer", one_of(["sgd", "adam"])),
+    "epochs": ("train_epochs", whole_number(1, MAX_EPOCHS)),
+    "clip": ("train_clip", number(0.0, 1e6)),
+    "sampling": ("train_sampling", one_of(["sequential", "random"])),
+    "max_tokens": ("train_max_tokens", whole_number(0, 10_000_000)),
+    "seed": ("train_seed", whole_number(0, 2**31 - 1)),
+    "precision": ("train_precision", one_of(PRECISIONS)),
+    "kernel": ("train_kernel", one_of(KERNELS)),
 }
 SETTING_OF = {"model": "model", "hidden": "hidden_size", "layers": "num_layers", "bidirectional": "bidirectional",
               "batch_size": "batch_size", "num_steps": "num_steps", "lr": "lr", "optimizer": "optimizer",
@@ -99,32 +62,9 @@ SETTING_OF = {"model": "model", "hidden": "hidden_size", "layers": "num_layers",
               "seed": "seed", "precision": "precision", "kernel": "kernel"}
 
 
-def settings_from_link() -> None:
-    """Once per session: the settings in the page's link (?model=rnn&lr=0.5...) fill the widgets
-    in; an invalid value gives one warning and that setting keeps its default."""
-    if st.session_state.get("train_link_read"):
-        return
-    st.session_state["train_link_read"] = True
-    given, bad = st.query_params.to_dict(), []
-    model = given.get("model") if given.get("model") in KINDS else "scratch"
-    for name, (key, parse) in LINK.items():
-        if name not in given:
-            continue
-        try:
-            st.session_state[key or f"train_hidden_{model}"] = parse(given[name])
-        except ValueError as e:
-            bad.append(f"{name}={given[name]} (it must be {e})")
-    if bad:
-        st.session_state["train_link_bad"] = bad
-
-
 def settings_to_link(s: dict) -> None:
     """The page's link follows the settings, so it can be shared to reproduce them."""
-    wanted = {name: str(s[SETTING_OF[name]]).lower() if isinstance(s[SETTING_OF[name]], bool)
-              else f"{s[SETTING_OF[name]]:g}" if isinstance(s[SETTING_OF[name]], float) else str(s[SETTING_OF[name]])
-              for name in LINK}
-    if st.query_params.to_dict() != wanted:
-        st.query_params.from_dict(wanted)
+    write_link({name: s[SETTING_OF[name]] for name in LINK})
 
 
 def settings_ui() -> dict:
@@ -366,9 +306,7 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
 # in software without a GPU, on the cores the run trains on (5 without). It jumps instead.
 st.html("<style>[data-testid='stProgress'] * { transition: none !important; }</style>")
 running = jobs.running()
-settings_from_link()
-if bad := st.session_state.pop("train_link_bad", None):
-    st.warning("The link's " + "; ".join(bad) + " could not be used: those settings keep their defaults.")
+read_link(LINK, "train", hidden=lambda given: f"train_hidden_{given.get('model') if given.get('model') in KINDS else 'scratch'}")
 with st.expander("Settings", expanded=running is None):
     source, why = corpus_ui()
     settings = settings_ui()

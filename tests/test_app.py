@@ -306,3 +306,25 @@ def test_continue_goes_on_with_the_same_run(jobs):
     assert poll(at, lambda a: not jobs.running())
     assert job.trainer.epoch == before + 2 and len(job.snapshot().columns["epoch"]) == before + 3   # one curve
     assert len(jobs.jobs()) == 1                                  # the same run, not a new one
+
+
+def test_the_generate_settings_travel_in_the_link(jobs):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("pages/generate.py")
+    for key, value in {"checkpoint": "default", "prefix": "the machine", "length": "30", "temperature": "0.5",
+                       "top_k": "x", "seed": "7"}.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="gen_model").value.startswith("default")
+    assert at.text_input(key="gen_prefix").value == "the machine" and at.number_input(key="gen_length").value == 30
+    assert at.radio(key="gen_mode").value == "sample" and at.slider(key="gen_temperature").value == 0.5
+    assert at.number_input(key="gen_seed").value == 7 and at.number_input(key="gen_top_k").value == 0
+    assert any("top_k=x" in w.value for w in at.warning)
+    assert at.query_params["checkpoint"] == "default" and at.query_params["top_k"] == "0"
+    at.text_input(key="gen_prefix").set_value("time").run()
+    assert at.query_params["prefix"] == "time"
+    at.query_params["checkpoint"] = "nowhere"                    # read once a session: ignored now
+    at.run()
+    assert not any("nowhere" in w.value for w in at.warning)
