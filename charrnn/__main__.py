@@ -154,24 +154,25 @@ def cmd_train(args) -> None:
         sampling=args.sampling, max_tokens=args.max_tokens, optimizer=args.optimizer, seed=args.seed,
         device=args.device, kernel="reference" if args.reference else args.kernel, precision=args.precision,
         threads=args.threads, cuda_graphs=args.cuda_graphs)
-    save_path = resolve(args.save) if args.save else None
-    if save_path is not None:
-        try:
-            check_writable(save_path, overwrite=args.overwrite)
-        except CheckpointExists as e:
-            fail(taken_message(e.path))
+    save_path = save_target(args)
     corpus = load_corpus(args.corpus, args.preprocessing, config.max_tokens, args.val_tokens)
     run_trainer(Trainer(config, corpus), args, save_path)
 
 
-def cmd_train_from(loaded, config, args) -> None:
-    """--resume: the saved run's corpus (checked by its SHA-1), weights and state, N more epochs."""
+def save_target(args) -> Path | None:
+    """Where --save goes, checked before any training: writable, and not taken unless --overwrite."""
     save_path = resolve(args.save) if args.save else None
     if save_path is not None:
         try:
             check_writable(save_path, overwrite=args.overwrite)
         except CheckpointExists as e:
             fail(taken_message(e.path))
+    return save_path
+
+
+def cmd_train_from(loaded, config, args) -> None:
+    """--resume: the saved run's corpus (checked by its SHA-1), weights and state, N more epochs."""
+    save_path = save_target(args)
     c = loaded.meta["corpus"]
     source = "timemachine" if c["name"] == "timemachine" else args.corpus
     if source == "timemachine" and c["name"] != "timemachine":
