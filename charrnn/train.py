@@ -296,7 +296,7 @@ class Trainer:
         state = {}
         for key, value in list(optimizer_tensors.items()) + list(saved.get("optimizer_numbers", {}).items()):
             index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value.to(self.device) if torch.is_tensor(value) else value
+            state.setdefault(int(index), {})[name] = value   # load_state_dict puts each on its parameter's device
         current = self.optimizer.state_dict()
         self.optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 

@@ -187,12 +187,13 @@ def true_or_false(text: str) -> bool:
     return text.lower() in ("true", "1")
 
 
-def read_link(spec: dict, page: str, **key_of) -> None:
-    """Once per session and page: the settings in the link fill the widgets in. `spec` maps a
-    query key to (widget key, parser); `key_of[name](given)` gives a widget key that depends on
-    other settings. An invalid value is named in one warning and keeps its default."""
+def read_link(spec: dict, page: str, **key_of) -> dict | None:
+    """Once per session and page: the settings in the link fill the widgets in, and the link's
+    values come back (None on later runs). `spec` maps a query key to (widget key, parser);
+    `key_of[name](given)` gives a widget key that depends on other settings. An invalid value is
+    named in one warning and keeps its default."""
     if st.session_state.get(f"{page}_link_read"):
-        return
+        return None
     st.session_state[f"{page}_link_read"] = True
     given, bad = st.query_params.to_dict(), []
     for name, (key, parse) in spec.items():
@@ -204,6 +205,7 @@ def read_link(spec: dict, page: str, **key_of) -> None:
             bad.append(f"{name}={given[name]} (it must be {e})")
     if bad:
         st.warning("The link's " + "; ".join(bad) + " could not be used: those settings keep their defaults.")
+    return given
 
 
 def write_link(values: dict) -> None:

@@ -37,13 +37,10 @@ with st.expander("Add a checkpoint from a file"):
 LINK = {"prefix": ("gen_prefix", lambda text: text[:2000]), "length": ("gen_length", whole_number(0, MAX_LENGTH)),
         "temperature": ("gen_temperature", number(0.05, 3.0)), "top_k": ("gen_top_k", whole_number(0, 1000)),
         "seed": ("gen_seed", whole_number(0, 2**31 - 1))}
-wanted = None
-if not st.session_state.get("gen_link_read"):
-    wanted = st.query_params.get("checkpoint")
-    if any(k in st.query_params for k in ("temperature", "top_k", "seed")):
-        st.session_state["gen_mode"] = "sample"        # those settings belong to sampling
-read_link(LINK, "gen")
-picked = model_picker("gen_model", wanted)
+given = read_link(LINK, "gen") or {}
+if any(k in given for k in ("temperature", "top_k", "seed")):
+    st.session_state["gen_mode"] = "sample"             # those settings belong to sampling
+picked = model_picker("gen_model", given.get("checkpoint"))
 if picked is None:
     st.stop()
 if picked.meta:
