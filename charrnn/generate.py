@@ -7,8 +7,7 @@ RNNs on a CPU in fp32 (scratch, and a one-layer unidirectional rnn), in one C ca
 step, the picking in C); anything else (GRU, LSTM, more layers, a GPU, no C compiler) calls the
 model once per character. `Generation.path` says which ran. Both give the model's own greedy
 text: the C step is the model's C kernel's step for a batch of one (the same bits), and where the
-C head's argmax is not certain to be torch's, the model's head decides. (Where no x86 variant
-runs, a torch-fp32 model gets the generic C loop: the same steps up to fp32 rounding.)
+C head's argmax is not certain to be torch's, the model's head decides.
 
 Sampling draws one uniform per character from a CPU generator (torch.rand, float64, seeded by
 `seed`) and picks by inverse CDF from softmax(logits / temperature) over the top_k largest, in
@@ -86,8 +85,8 @@ def _native_generator(model, variant: str | None = None) -> fp32.GenerationLoop 
     """The C generation loop for `model`'s weights, or None where it does not apply (not a tanh
     RNN of one unidirectional layer, not fp32 on the CPU, the C library cannot be built or loaded).
     `variant`: a given C variant; by default the one the model's own kernel runs (the text is then
-    the model's own, bit for bit in the states), or generic-fp32 for a torch-fp32 model where no
-    x86 variant runs; None for a model on the reference loop."""
+    the model's own, bit for bit in the states); None for a model on another kernel (the book's
+    reference loop, the torch op), which keeps its own steps."""
     config = getattr(model, "config", None)
     try:
         if config.kind == "scratch":
@@ -107,12 +106,9 @@ def _native_generator(model, variant: str | None = None) -> fp32.GenerationLoop 
     if variant is None:
         own = getattr(getattr(model, "kernel", None), "for_mode", None)
         name = own(False).name if own else None
-        if name in fp32.VARIANTS:               # the model's own C kernel: the same bits per step
-            variant = name
-        elif name == "torch-fp32" and fp32.variants() == ["generic-fp32"]:
-            variant = "generic-fp32"            # no x86 variant here: the same steps up to fp32 rounding
-        else:
-            return None                         # e.g. the book's reference loop, chosen on purpose
+        if name not in fp32.VARIANTS:           # e.g. the book's reference loop, chosen on purpose
+            return None
+        variant = name                          # the model's own C kernel: the same bits per step
     kernel, _ = fp32.load(variant)
     if kernel is None:
         return None
