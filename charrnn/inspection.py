@@ -420,3 +420,106 @@ def perplexity_numbers(reading: TextReading) -> PerplexityNumbers:
     return PerplexityNumbers(uniform=float(V), uniform_loss=math.log(V), best=1.0,
                              actual=reading.perplexity, actual_loss=reading.mean_loss,
                              n_predictions=reading.n_predictions)
+
+
+# -----------------------------------------------------------------------------
+# the scratch RNN, one step at a time, forward and back
+
+@dataclass
+class StepThrough:
+    """Every intermediate of one forward and backward pass of the seed's scratch RNN on one batch.
+
+    T steps, B sequences, V tokens, h hidden units; index t = 0 is the book's step 1. The state
+    starts at zero (begin_state) and the loss is the training loop's: the mean cross-entropy over
+    all T*B predictions.
+    """
+    X: torch.Tensor            # (B, T) input ids
+    Y: torch.Tensor            # (B, T) target ids: the token after each input
+    onehot: torch.Tensor       # (T, B, V) one_hot(X.T)
+    XW: torch.Tensor           # (T, B, h) X_t W_xh: row x_t of W_xh
+    HW: torch.Tensor           # (T, B, h) H_{t-1} W_hh, with H_0 = 0
+    pre: torch.Tensor          # (T, B, h) X_t W_xh + H_{t-1} W_hh + b_h
+    H: torch.Tensor            # (T, B, h) tanh(pre)
+    O: torch.Tensor            # (T, B, V) H_t W_hq + b_q, the logits
+    P: torch.Tensor            # (T, B, V) softmax(O_t) over the V tokens
+    losses: torch.Tensor       # (T, B) -log P_t[y_t], nats
+    loss: float                # losses.mean(): what training minimises
+    dH_out: torch.Tensor       # (T, B, h) the share of dH reaching H_t from its own output O_t
+    dH_next: torch.Tensor      # (T, B, h) the share coming back from H_{t+1} through tanh and W_hh
+    dH: torch.Tensor           # (T, B, h) dloss/dH_t = dH_out + dH_next, all later steps included
+    grads: dict[str, torch.Tensor]   # dloss/dW for W_xh, W_hh, b_h, W_hq, b_q
+    grad_norm: float           # ||g||: the global norm over all five gradients
+    theta: float
+    clip_factor: float         # min(1, theta / ||g||): what clipping multiplies every gradient by
+
+    @property
+    def dH_norm(self) -> torch.Tensor:
+        """(T,) ||dloss/dH_t|| over the whole batch, step by step."""
+        return self.dH.flatten(1).norm(dim=1)
+
+    @property
+    def grad_norms(self) -> dict[str, float]:
+        return {name: g.norm().item() for name, g in self.grads.items()}
+
+
+def worked_example_targets(X: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The seed's X = arange(10).reshape(2, 5) cut from the sequence 0, 1, 2, ...: each input's
+    next token is its id + 1 (mod V), which for t < T is the next input X_{t+1}."""
+    return (X + 1) % vocab_size
+
+
+@torch.no_grad()
+def step_through(model: nn.Module, X: torch.Tensor, Y: torch.Tensor | None = None,
+                 theta: float = 1.0) -> StepThrough:
+    """Run the scratch RNN's recurrence by hand on X (B, T), keeping every intermediate, then
+    backpropagate through time by hand, step T back to step 1, and measure clipping.
+
+    The backward pass is written out rather than taken from autograd so each step's share can be
+    shown; tests/test_inspection.py holds it to autograd. Y defaults to X's next tokens.
+    """
+    if model.config.kind != "scratch":
+        raise UserError("The step-through follows the from-scratch RNN's W_xh, W_hh, b_h, W_hq and b_q; "
+                        f"this is a {model.config.kind} model.")
+    V = model.config.vocab_size
+    if Y is None:
+        Y = worked_example_targets(X, V)
+    # float32 on the CPU whatever the model runs on: these are numbers to look at
+    W_xh, W_hh, b_h, W_hq, b_q = (getattr(model, n).detach().float().cpu()
+                                  for n in ("W_xh", "W_hh", "b_h", "W_hq", "b_q"))
+    X, Y = X.cpu(), Y.cpu()
+    B, T = X.shape
+    h = W_hh.shape[0]
+    onehot = F.one_hot(X.T, V).float()                          # (T, B, V)
+    XW, HW, pre, H = (torch.zeros(T, B, h) for _ in range(4))   # (T, B, h) each
+    H_prev = torch.zeros(B, h)                                  # H_0, as begin_state
+    for t in range(T):
+        XW[t] = onehot[t] @ W_xh                                # (B, h)
+        HW[t] = H_prev @ W_hh                                   # (B, h)
+        pre[t] = XW[t] + HW[t] + b_h
+        H[t] = H_prev = torch.tanh(pre[t])
+    O = H @ W_hq + b_q                                          # (T, B, V)
+    logP = F.log_softmax(O, dim=-1)                             # (T, B, V)
+    target = F.one_hot(Y.T, V).float()                          # (T, B, V)
+    losses = -(logP * target).sum(-1)                           # (T, B)
+
+    # backward: the mean over T*B predictions gives each one a 1/(T*B) share of the loss
+    dO = (logP.exp() - target) / (T * B)                        # (T, B, V) dloss/dO_t
+    dH_out = dO @ W_hq.T                                        # (T, B, h)
+    dH_next, dH = torch.zeros(T, B, h), torch.zeros(T, B, h)
+    grads = {"W_xh": torch.zeros_like(W_xh), "W_hh": torch.zeros_like(W_hh), "b_h": torch.zeros_like(b_h),
+             "W_hq": torch.einsum("tbh,tbv->hv", H, dO), "b_q": dO.sum((0, 1))}
+    from_later = torch.zeros(B, h)                              # nothing comes back from after step T
+    for t in reversed(range(T)):
+        dH_next[t] = from_later
+        dH[t] = dH_out[t] + from_later                          # (B, h)
+        dA = dH[t] * (1 - H[t] ** 2)                            # (B, h) through tanh: 1 - tanh^2
+        H_before = H[t - 1] if t > 0 else torch.zeros(B, h)
+        grads["W_xh"] += onehot[t].T @ dA                       # (V, h)
+        grads["W_hh"] += H_before.T @ dA                        # (h, h)
+        grads["b_h"] += dA.sum(0)
+        from_later = dA @ W_hh.T                                # (B, h) what H_{t-1} receives
+    grad_norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values())).item()
+    clip = min(1.0, theta / grad_norm) if grad_norm > 0 else 1.0
+    return StepThrough(X=X, Y=Y, onehot=onehot, XW=XW, HW=HW, pre=pre, H=H, O=O, P=logP.exp(),
+                       losses=losses, loss=losses.mean().item(), dH_out=dH_out, dH_next=dH_next, dH=dH,
+                       grads=grads, grad_norm=grad_norm, theta=theta, clip_factor=clip)

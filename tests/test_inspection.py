@@ -255,3 +255,89 @@ def test_thread_settings_are_left_alone(default):
     t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
     t.start(), t.join()
     assert torch.get_num_threads() == threads and seen == [threads]
+
+
+# -----------------------------------------------------------------------------
+# the step-through: the model's own forward, and autograd's backward
+
+def autograd_oracle(model, X, Y):
+    """The seed's loop again, with autograd: each H_t kept, so torch.autograd.grad gives the
+    total dloss/dH_t (through the output at t and through every later step)."""
+    V = model.config.vocab_size
+    params = [model.W_xh, model.W_hh, model.b_h, model.W_hq, model.b_q]
+    H, Hs = model.begin_state(X.shape[0])[0], []
+    for X_t in F.one_hot(X.T, V).float():                      # (B, V)
+        H = torch.tanh(X_t @ model.W_xh + H @ model.W_hh + model.b_h)
+        Hs.append(H)
+    O = torch.stack(Hs) @ model.W_hq + model.b_q              # (T, B, V)
+    loss = F.cross_entropy(O.reshape(-1, V), Y.T.reshape(-1))  # the training loop's mean
+    *dHs, = torch.autograd.grad(loss, Hs + params)
+    return loss, torch.stack(dHs[:len(Hs)]), dict(zip(["W_xh", "W_hh", "b_h", "W_hq", "b_q"], dHs[len(Hs):]))
+
+
+@pytest.fixture(params=["untrained", "shipped"])
+def scratch(request, default):
+    return ins.demo_model(ModelConfig("scratch", 28, H)) if request.param == "untrained" else default.model
+
+
+def test_step_through_forward_is_the_models(scratch):
+    X = ins.seed_onehot_example().X                            # the seed's (2, 5)
+    st_ = ins.step_through(scratch, X)
+    B, T, h = 2, 5, scratch.config.hidden_size
+    assert st_.XW.shape == st_.HW.shape == st_.pre.shape == st_.H.shape == (T, B, h)
+    assert st_.onehot.shape == st_.O.shape == st_.P.shape == (T, B, 28)
+    with torch.no_grad():
+        Hs, state = scratch.features(X, scratch.begin_state(B))  # whatever kernel the model runs
+        logits = scratch.head(Hs)                                # (T*B, V)
+    torch.testing.assert_close(st_.H, Hs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(st_.H[-1], state[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(st_.O.reshape(-1, 28), logits, rtol=1e-4, atol=1e-4)
+    # the parts add up, the first step has no history, and the one-hot picks rows of W_xh
+    torch.testing.assert_close(st_.pre, st_.XW + st_.HW + scratch.b_h.detach())
+    assert torch.equal(st_.HW[0], torch.zeros(B, h))
+    torch.testing.assert_close(st_.XW[2], scratch.W_xh.detach()[X[:, 2]])
+    torch.testing.assert_close(st_.P.sum(-1), torch.ones(T, B))
+    # targets: the next token of 0, 1, 2, ...; for t < T the next input
+    assert st_.Y.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert torch.equal(st_.Y[:, :-1], X[:, 1:])
+
+
+def test_step_through_backward_is_autograds(scratch):
+    X = ins.seed_onehot_example().X
+    Y = ins.worked_example_targets(X, 28)
+    loss, dH, grads = autograd_oracle(scratch, X, Y)
+    st_ = ins.step_through(scratch, X)
+    assert st_.loss == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(st_.losses.mean(), loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st_.dH, dH, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(st_.dH, st_.dH_out + st_.dH_next)
+    assert torch.equal(st_.dH_next[-1], torch.zeros(2, scratch.config.hidden_size))  # nothing after step T
+    for name, g in grads.items():
+        torch.testing.assert_close(st_.grads[name], g, rtol=1e-4, atol=1e-7)
+    assert st_.dH_norm.shape == (5,)
+    torch.testing.assert_close(st_.dH_norm, dH.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("theta", [1.0, 1e-3, 1e3])
+def test_step_through_clipping_factor(theta):
+    """The factor is min(1, theta/||g||), and the training loop's clip_gradients agrees."""
+    from charrnn.train import clip_gradients
+    model = ins.demo_model(ModelConfig("scratch", 28, H))
+    X = ins.seed_onehot_example().X
+    st_ = ins.step_through(model, X, theta=theta)
+    assert st_.clip_factor == pytest.approx(min(1.0, theta / st_.grad_norm))
+    model.zero_grad()
+    Y_hat, _ = model(X, model.begin_state(2))
+    F.cross_entropy(Y_hat, ins.worked_example_targets(X, 28).T.reshape(-1)).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = clip_gradients(list(model.parameters()), theta)
+    assert st_.grad_norm == pytest.approx(norm.item(), rel=1e-4)
+    assert st_.grad_norm == pytest.approx(math.sqrt(sum(v ** 2 for v in st_.grad_norms.values())), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, before[n] * st_.clip_factor, rtol=1e-4, atol=1e-9)
+    assert (st_.clip_factor < 1) == (st_.grad_norm > theta)
+
+
+def test_step_through_wants_the_scratch_rnn():
+    with pytest.raises(ValueError, match="from-scratch"):
+        ins.step_through(ins.demo_model(ModelConfig("gru", 28, H)), ins.seed_onehot_example().X)
