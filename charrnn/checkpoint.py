@@ -271,7 +271,8 @@ def list_checkpoints(folder: Path | None = None) -> list[dict]:
             entry |= {"model": m["kind"], "hidden": m["hidden_size"], "layers": m["num_layers"],
                       "epochs": metrics.get("epochs"), "perplexity": metrics.get("perplexity"),
                       "val_perplexity": metrics.get("val_perplexity"), "corpus": meta["corpus"]["name"],
-                      "created": meta.get("created")}
+                      "created": meta.get("created"),
+                      "resumable": isinstance(meta.get("resume"), dict)}   # saved with its optimizer state
         except CheckpointError as e:
             entry["error"] = str(e)
         except (KeyError, TypeError):

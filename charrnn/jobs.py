@@ -6,6 +6,7 @@
     job.stop()                                             # returns within a second
     job.save(job.default_name)                             # checkpoints/rnn-256-20250101-093000.safetensors
     job.save("my-model", overwrite=True)                   # replaces an existing my-model
+    registry.continue_saved(load_checkpoint(path), corpus, epochs=20)   # a saved run, 20 more epochs
 
 The worker thread only appends numbers and strings under a lock and checks a threading.Event
 between minibatches; it never touches the UI. Its exceptions are caught and kept as one sentence.
@@ -21,7 +22,7 @@ from array import array
 from dataclasses import dataclass, field, replace
 
 from .errors import UserError
-from .checkpoint import make_metadata, path_for_name, save_checkpoint
+from .checkpoint import Loaded, make_metadata, path_for_name, save_checkpoint
 from .data import Corpus
 from .train import EpochStats, TrainConfig, Trainer, TrainingDiverged
 
@@ -80,21 +81,27 @@ class Job:
     _ids = itertools.count(1)
 
     def __init__(self, config: TrainConfig, corpus: Corpus, label: str | None = None,
-                 settings: dict | None = None):
-        self.trainer = Trainer(config, corpus)             # bad settings raise here, in the caller
+                 settings: dict | None = None, trainer: Trainer | None = None):
+        # bad settings raise here, in the caller; a given trainer may have trained already (continued_trainer)
+        self.trainer = trainer or Trainer(config, corpus)
         self.id = f"run{next(self._ids)}"
         self.label = label or default_label(config, corpus, self.id)
         self.config, self.corpus, self.settings = config, corpus, settings
         self.status, self.error = "running", None
         self.columns = {c: array("d") for c in COLUMNS}
+        done = self.trainer.history                          # a continued run's curve goes on from its past:
+        if len(done["epoch"]):                               # epochs 1.. (epoch 0, untrained, is not kept)
+            for c in COLUMNS:
+                self.columns[c].append(0.0 if c == "epoch" else NAN)
+                self.columns[c].extend(done[c] if c in done else [NAN] * len(done["epoch"]))
         self.samples: list[tuple[int, str]] = []
         self.saved: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._started = time.perf_counter()
+        self._started = time.perf_counter() - self.trainer.train_seconds
         self.started_at = time.localtime()                 # wall clock, for names that outlive the process
         self._ended: float | None = None
-        self._target = config.epochs                        # the epoch this run trains up to
+        self._target = self.trainer.epoch + config.epochs  # the epoch this run trains up to
         self._thread = threading.Thread(target=self._work, name=f"charrnn-{self.id}", daemon=True)
 
     def start(self) -> "Job":
@@ -207,6 +214,34 @@ def cli_command(c: TrainConfig, corpus: str = "timemachine", preprocessing: str 
     return "python -m charrnn train " + shlex.join(str(a) for a in args)
 
 
+def continued_trainer(loaded: Loaded, corpus: Corpus, **changes) -> tuple[Trainer, list[str]]:
+    """A Trainer that goes on with the run a checkpoint saved, exactly where it ended (weights,
+    optimizer, minibatch order, history), for `changes["epochs"]` more epochs, and what differs from
+    the saved run. `corpus` must be the text it trained on (checked by SHA-1). `changes` may set
+    what does not change the numbers' meaning (epochs, lr, clip, device, threads, precision, kernel);
+    a saved kernel this machine lacks is replaced by this machine's choice, and the notes say so."""
+    saved = loaded.meta.get("train")
+    if not isinstance(saved, dict):
+        raise UserError(f"{loaded.path.name} has no training settings to continue.")
+    c = loaded.meta["corpus"]
+    if corpus.sha1 != c["sha1"]:
+        raise UserError(f"{corpus.name} is not the text {loaded.path.stem} trained on ({c['name']}; "
+                        f"SHA-1 {corpus.sha1[:12]}…, not {c['sha1'][:12]}…).")
+    fields = set(TrainConfig.__dataclass_fields__)
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields} | changes)
+    notes = [f"{k} differs from the saved run's" for k in ("lr", "clip", "precision", "kernel")
+             if k in changes and changes[k] != saved.get(k)]
+    try:
+        trainer = Trainer(config, corpus, model=loaded.model)
+    except UserError as e:
+        if "kernel" in changes or "precision" in changes or config.kernel == "auto":
+            raise
+        trainer = Trainer(replace(config, kernel="auto", precision="auto"), corpus, model=loaded.model)
+        notes.append(f"its kernel {config.kernel} cannot run here ({e}), so it trains with {trainer.kernel.name}")
+    trainer.resume(loaded.meta, loaded.optimizer)
+    return trainer, notes
+
+
 def default_label(config: TrainConfig, corpus: Corpus, job_id: str) -> str:
     text = "" if corpus.name == "timemachine" else f" · {corpus.name}"
     return f"{job_id} · {config.model}-{config.hidden_size} · {config.sampling}{text}"
@@ -229,10 +264,7 @@ class JobRegistry:
                 raise JobBusy(f"A run is already training ({snap.label}, epoch {snap.epoch} of "
                               f"{snap.epochs}); stop it first.")
             job = Job(config, corpus, label, settings)
-            self._jobs[job.id] = job
-            ended = [j for j in self._jobs.values() if not j.running and j is not job]
-            for old in ended[:max(0, len(self._jobs) - self.keep)]:  # forget the oldest ended runs
-                del self._jobs[old.id]
+            self._add(job)
             return job.start()
 
     def resume(self, job_id: str, epochs: int) -> Job:
@@ -245,6 +277,28 @@ class JobRegistry:
             if job is None:
                 raise UserError("That run is no longer kept here; load its checkpoint instead.")
             return job._continue(epochs)
+
+    def continue_saved(self, loaded: Loaded, corpus: Corpus, epochs: int, **changes) -> tuple[Job, list[str]]:
+        """Start a new job that continues a saved checkpoint (continued_trainer) for `epochs` more
+        epochs; its curve starts with the saved history. Returns it and continued_trainer's notes."""
+        with self._lock:
+            running = self._running()
+            if running is not None:
+                raise JobBusy(f"A run is already training ({running.snapshot().label}); stop it first.")
+        trainer, notes = continued_trainer(loaded, corpus, epochs=epochs, **changes)
+        label = f"{loaded.path.stem} (continued)"
+        with self._lock:
+            if self._running() is not None:          # started by another tab while the model loaded
+                raise JobBusy("A run started meanwhile; stop it first.")
+            job = Job(trainer.config, corpus, label, loaded.meta.get("settings"), trainer=trainer)
+            self._add(job)
+            return job.start(), notes
+
+    def _add(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        ended = [j for j in self._jobs.values() if not j.running and j is not job]
+        for old in ended[:max(0, len(self._jobs) - self.keep)]:  # forget the oldest ended runs
+            del self._jobs[old.id]
 
     def _running(self) -> Job | None:
         return next((j for j in self._jobs.values() if j.running), None)

@@ -5,6 +5,7 @@ import re
 import threading
 import time
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -160,3 +161,40 @@ def test_an_ended_run_continues_where_it_stopped(registry, small_corpus):
     longer = registry.start(TrainConfig(**SMALL, epochs=5, sample_every=10**6), small_corpus)
     longer.join(60)
     assert all(torch.equal(p, q) for p, q in zip(job.trainer.model.parameters(), longer.trainer.model.parameters()))
+
+
+def test_a_saved_checkpoint_continues_as_a_new_run(registry, small_corpus, ckpt_dir):
+    """Continue a checkpoint: a new job whose curve starts with the saved history and which ends
+    exactly where one uninterrupted run ends."""
+    config = TrainConfig(**SMALL, epochs=2, sample_every=10**6)
+    saved = registry.start(config, small_corpus)
+    saved.join(60)
+    path = saved.save("two")
+    job, notes = registry.continue_saved(load_checkpoint(path), small_corpus, epochs=3)
+    assert notes == [] and job is not saved and job.label == "two (continued)"
+    job.join(60)
+    snap = job.snapshot()
+    assert snap.status == "finished" and snap.epoch == snap.epochs == 5
+    assert snap.columns["epoch"] == [0, 1, 2, 3, 4, 5]
+    assert snap.columns["train_ppl"][1:3] == saved.snapshot().columns["train_ppl"][1:]   # the saved curve, then more
+    longer = registry.start(replace(config, epochs=5), small_corpus)
+    longer.join(60)
+    assert all(torch.equal(p, q) for p, q in zip(job.trainer.model.parameters(), longer.trainer.model.parameters()))
+    assert snap.columns["train_ppl"][1:] == longer.snapshot().columns["train_ppl"][1:]
+
+
+def test_continuing_a_checkpoint_checks_its_text_and_says_what_changed(registry, small_corpus, ckpt_dir):
+    from charrnn.data import load_corpus
+    from charrnn.errors import UserError
+    saved = registry.start(TrainConfig(**SMALL, epochs=1), small_corpus)
+    saved.join(60)
+    loaded = load_checkpoint(saved.save("one"))
+    other = load_corpus("other.txt", "seed", 0, text="a quite different text " * 50)
+    with pytest.raises(UserError, match="not the text one trained on"):
+        registry.continue_saved(loaded, other, epochs=1)
+    assert len(registry.jobs()) == 1                              # nothing started
+    job, notes = registry.continue_saved(loaded, small_corpus, epochs=1, lr=0.5)
+    assert notes == ["lr differs from the saved run's"] and job.config.lr == 0.5
+    with pytest.raises(JobBusy):
+        registry.continue_saved(load_checkpoint(ckpt_dir / "one.safetensors"), small_corpus, epochs=1)
+    job.join(60)
