@@ -1,5 +1,6 @@
 """Data for the Inspect page: the seed's one-hot example, the shape of every stage of a forward
-pass, the parameter table, the concatenation identity, and a trained model reading a text.
+pass, the parameter table, the concatenation identity, a trained model reading a text, the
+scratch RNN stepped through forward and back, and the hidden state's path through a passage.
 
 Everything here returns plain data (dataclasses of tuples, floats, lists and tensors) so the page
 only draws it and the tests check it without Streamlit:
@@ -9,6 +10,8 @@ only draws it and the tests check it without Streamlit:
     forward_shapes(model, ex.X).Y_shape                 # (10, 28) = (steps*batch, vocab)
     reading = read_text(model, vocab, "the time traveller", "seed")
     reading.perplexity, units_by_variance(reading.hidden)[:5]
+    step_through(model, ex.X).dH_norm                   # (5,) ||dloss/dH_t||, the scratch RNN only
+    hidden_trajectory(model, vocab, "the time machine").points   # (16, 2)
 """
 from __future__ import annotations
 
@@ -523,3 +526,76 @@ def step_through(model: nn.Module, X: torch.Tensor, Y: torch.Tensor | None = Non
     return StepThrough(X=X, Y=Y, onehot=onehot, XW=XW, HW=HW, pre=pre, H=H, O=O, P=logP.exp(),
                        losses=losses, loss=losses.mean().item(), dH_out=dH_out, dH_next=dH_next, dH=dH,
                        grads=grads, grad_norm=grad_norm, theta=theta, clip_factor=clip)
+
+
+# -----------------------------------------------------------------------------
+# the hidden state's path through a passage, in two dimensions
+
+MAX_TRAJECTORY_CHARS = 400   # a labelled point per character: more would be a blot (the page says so)
+
+
+@dataclass
+class PCA2:
+    """The two directions along which a cloud of points varies most."""
+    points: torch.Tensor       # (n, 2) each row's coordinates along them
+    components: torch.Tensor   # (2, d) unit vectors, largest variance first
+    explained: torch.Tensor    # (2,) the fraction of the total variance along each
+    mean: torch.Tensor         # (d,) subtracted before projecting
+
+
+def pca_2d(rows: torch.Tensor) -> PCA2:
+    """PCA through an SVD of the centred rows: X - mean = U S V^T, points = U S (= (X - mean) V),
+    variance along component k proportional to S_k^2. Each component's sign is chosen so its
+    largest loading is positive (an SVD may return either sign). Fewer than two non-zero directions
+    (one row, one unit, identical rows) give zero columns and zero fractions, never NaN."""
+    n, d = rows.shape
+    X = rows.double()
+    mean = X.mean(0) if n else torch.zeros(d, dtype=torch.float64)
+    centred = X - mean                                          # (n, d)
+    U, S, Vh = torch.linalg.svd(centred, full_matrices=False)   # (n, k), (k,), (k, d); k = min(n, d)
+    k = min(2, S.numel())
+    signs = torch.sign(Vh[:k].gather(1, Vh[:k].abs().argmax(1, keepdim=True))).squeeze(1)  # (k,)
+    signs[signs == 0] = 1
+    points, components, explained = torch.zeros(n, 2), torch.zeros(2, d), torch.zeros(2)
+    points[:, :k] = (U[:, :k] * S[:k] * signs).float()          # (n, k)
+    components[:k] = (Vh[:k] * signs[:, None]).float()          # (k, d)
+    total = (S ** 2).sum()
+    if total > 0:
+        explained[:k] = (S[:k] ** 2 / total).float()
+    return PCA2(points=points, components=components, explained=explained, mean=mean.float())
+
+
+@dataclass
+class Trajectory:
+    """The top layer's hidden state after each character of a passage, projected on its two
+    principal components: the path the state takes as the model reads."""
+    chars: list[str]
+    ids: list[int]
+    points: torch.Tensor       # (n, 2)
+    explained: torch.Tensor    # (2,) fractions of the variance of H_t over the passage
+    units: int                 # the width of the states the PCA read
+    what: str                  # which state, in words
+    truncated: bool            # the text was longer than max_chars
+    unknown_chars: list[str]
+
+
+def hidden_trajectory(model: nn.Module, vocab: Vocab, text: str, preprocessing: str = "seed",
+                      max_chars: int = MAX_TRAJECTORY_CHARS) -> Trajectory:
+    """Read `text` from a zero state (read_text does) and PCA its hidden states.
+
+    The states are the top layer's h (for the LSTM not its cell c). A bidirectional model's
+    backward half has read the passage from its end, so only the forward half is used: the path
+    then means "what the model knows after reading up to here", as for the other models.
+    """
+    cfg = model.config
+    reading = read_text(model, vocab, text, preprocessing, top_k=1, max_chars=max_chars)
+    hidden = reading.hidden[:, :cfg.hidden_size]                # (n, h) forward direction first in torch.nn
+    what = {"scratch": "H_t", "rnn": "h_t", "gru": "h_t", "lstm": "h_t (not the memory cell c_t)"}[cfg.kind]
+    if cfg.num_layers > 1:
+        what += f" of the top layer (layer {cfg.num_layers})"
+    if cfg.bidirectional:
+        what += ", forward direction only"
+    pca = pca_2d(hidden)
+    return Trajectory(chars=reading.chars, ids=reading.ids, points=pca.points, explained=pca.explained,
+                      units=hidden.shape[1], what=what, truncated=reading.truncated,
+                      unknown_chars=reading.unknown_chars)

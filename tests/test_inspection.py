@@ -341,3 +341,65 @@ def test_step_through_clipping_factor(theta):
 def test_step_through_wants_the_scratch_rnn():
     with pytest.raises(ValueError, match="from-scratch"):
         ins.step_through(ins.demo_model(ModelConfig("gru", 28, H)), ins.seed_onehot_example().X)
+
+
+# -----------------------------------------------------------------------------
+# the hidden-state trajectory and its PCA
+
+@pytest.mark.parametrize("n, d", [(50, 8), (6, 30), (40, 2)])
+def test_pca_2d_agrees_with_numpy(n, d):
+    """Points, components and fractions as a numpy SVD of the centred data gives them (up to sign)."""
+    import numpy as np
+    rows = torch.randn(n, d, generator=torch.Generator().manual_seed(n * d)) * torch.linspace(3, 0.5, d)
+    pca = ins.pca_2d(rows)
+    a = rows.double().numpy()
+    c = a - a.mean(0)
+    U, S, Vt = np.linalg.svd(c, full_matrices=False)
+    assert pca.points.shape == (n, 2) and pca.components.shape == (2, d) and pca.explained.shape == (2,)
+    np.testing.assert_allclose(pca.explained.numpy(), S[:2] ** 2 / (S ** 2).sum(), rtol=1e-5)
+    for k in range(2):
+        sign = np.sign(pca.components[k].numpy() @ Vt[k])
+        np.testing.assert_allclose(pca.components[k].numpy(), sign * Vt[k], atol=1e-5)
+        np.testing.assert_allclose(pca.points[:, k].numpy(), sign * (c @ Vt[k]), rtol=1e-4, atol=1e-5)
+    # the fractions: in [0, 1], largest first; the points centred, uncorrelated
+    e = pca.explained
+    assert 0 <= e[1] <= e[0] <= 1 and e.sum() <= 1 + 1e-6
+    torch.testing.assert_close(pca.points.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    assert abs((pca.points[:, 0] * pca.points[:, 1]).mean()) < 1e-4 * pca.points.var(0).max() + 1e-6
+
+
+def test_pca_2d_is_repeatable_and_degenerate_cases_are_zero():
+    rows = torch.randn(20, 5, generator=torch.Generator().manual_seed(1))
+    first, again = ins.pca_2d(rows), ins.pca_2d(rows.clone())
+    assert torch.equal(first.points, again.points)
+    assert all(c[c.abs().argmax()] > 0 for c in first.components)     # the sign rule
+    flat = ins.pca_2d(torch.ones(4, 3))                                # no variance at all
+    assert torch.equal(flat.explained, torch.zeros(2)) and torch.equal(flat.points, torch.zeros(4, 2))
+    one_unit = ins.pca_2d(torch.arange(5.0)[:, None])                  # one direction only
+    assert one_unit.explained.tolist() == [1.0, 0.0] and torch.equal(one_unit.points[:, 1], torch.zeros(5))
+    assert ins.pca_2d(torch.zeros(0, 3)).points.shape == (0, 2)
+
+
+def test_hidden_trajectory_on_the_shipped_model(default):
+    tr = ins.hidden_trajectory(default.model, default.vocab, BOOK, default.preprocessing)
+    n = len(BOOK)
+    assert tr.chars == list(BOOK) and tr.points.shape == (n, 2) and tr.units == 512
+    assert 0 < tr.explained[1] <= tr.explained[0] < 1 and not tr.truncated and tr.what == "H_t"
+    # the points are the read states' own PCA
+    reading = ins.read_text(default.model, default.vocab, BOOK, "seed")
+    torch.testing.assert_close(tr.points, ins.pca_2d(reading.hidden).points)
+    capped = ins.hidden_trajectory(default.model, default.vocab, BOOK * 10, "seed")
+    assert capped.truncated and capped.points.shape == (ins.MAX_TRAJECTORY_CHARS, 2)
+
+
+@pytest.mark.parametrize("kind, layers, bidirectional", CONFIGS)
+def test_hidden_trajectory_every_kind(kind, layers, bidirectional):
+    vocab = Vocab(list("the time machine"))
+    model = ins.demo_model(ModelConfig(kind, len(vocab), H, layers, bidirectional))
+    tr = ins.hidden_trajectory(model, vocab, "the time machine", "raw")
+    assert tr.points.shape == (16, 2) and tr.explained.shape == (2,) and tr.units == H
+    assert 0 <= tr.explained[1] <= tr.explained[0] <= 1 and tr.explained.sum() > 0
+    assert ("forward direction" in tr.what) == bidirectional and ("memory cell" in tr.what) == (kind == "lstm")
+    if bidirectional:  # the forward half alone: the same states as reading with the backward half cut off
+        reading = ins.read_text(model, vocab, "the time machine", "raw")
+        torch.testing.assert_close(tr.points, ins.pca_2d(reading.hidden[:, :H]).points)
