@@ -35,6 +35,7 @@ from .device import DEVICES
 from .errors import UserError
 from .generate import MAX_LENGTH, check_sampling, generate
 from .models import KINDS
+from .ngram import corpus_ngram_perplexities
 from .train import KERNELS, OPTIMIZERS, PRECISIONS, TrainConfig, Trainer, TrainingDiverged
 
 USER_ERRORS = (UserError,)  # -> exit 2, one line (CorpusError, CheckpointError and the settings checks)
@@ -229,6 +230,10 @@ def run_trainer(trainer, args, save_path) -> None:
         "cuda_graph": trainer.graphed, "lr": config.lr, "seed": config.seed,
         "checkpoint": str(saved) if saved else None,
     }
+    if args.json:   # the baselines the run's perplexity is read against, on the same training tokens
+        result["ngram_perplexity"] = {
+            str(n): {k: round(v, 4) if v is not None else None for k, v in r.items()}
+            for n, r in corpus_ngram_perplexities(trainer.corpus).items()}
     if trainer.precision == "bf16":               # whether its step loops ran in C or in Python, and why
         result["native"] = kernels.bf16.status()
     if trainer.device.type == "cuda":
