@@ -56,9 +56,9 @@ def registry() -> JobRegistry:
 
 
 @st.cache_resource(show_spinner="Loading the corpus…", max_entries=8)
-def corpus_for(source: str, preprocessing: str, max_tokens: int, text: str | None = None):
+def corpus_for(source: str, preprocessing: str, max_tokens: int, text: str | None = None, val_tokens: int = 2000):
     """A loaded Corpus, shared by all sessions (it is only read)."""
-    return load_corpus(source, preprocessing, max_tokens, text=text)
+    return load_corpus(source, preprocessing, max_tokens, val_tokens, text=text)
 
 
 @st.cache_data(ttl=60, show_spinner="Looking for The Time Machine…")

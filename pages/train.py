@@ -9,10 +9,12 @@ import html
 import math
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from charrnn import kernels
-from charrnn.checkpoint import CheckpointError, CheckpointExists, path_for_name, read_metadata
+from charrnn.checkpoint import (CheckpointError, CheckpointExists, list_checkpoints, load_checkpoint, path_for_name,
+                                read_metadata)
 from charrnn.data import DATA_ENV, MAX_CORPUS_BYTES, TIMEMACHINE_FILE, CorpusError, decode_text
 from charrnn.errors import UserError
 from charrnn.device import available_devices, default_threads, threads_settable
@@ -299,6 +301,77 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
         st.error(snap.error)
 
 
+def continue_saved(running, source, settings: dict) -> None:
+    """Pick a saved checkpoint and train it further: a new run whose curve starts with the saved
+    history, on this page's device and threads; every other setting is the saved run's."""
+    entries = [e for e in list_checkpoints() if "error" not in e]
+    resumable = [e for e in entries if e["resumable"]]
+    said = st.session_state.pop("continue_said", None)
+    if said:
+        (st.success if said[0] == "success" else st.error)(said[1])
+    if not resumable:
+        older = [e["name"] for e in entries if not e["resumable"]]
+        st.caption("No saved checkpoint can be continued yet: save a run below, and it appears here."
+                   + (f" ({', '.join(older)} {'was' if len(older) == 1 else 'were'} saved without optimizer "
+                      "state, so it can be read but not continued exactly.)" if older else ""))
+        return
+    c1, c2, c3 = st.columns([4, 1, 1], vertical_alignment="bottom")
+    describe = {e["name"]: (f"{e['name']} — {e['model']}-{e['hidden']}, {e['epochs']} epochs, perplexity "
+                            f"{e['perplexity']:.2f}" if e.get("perplexity") else e["name"]) for e in resumable}
+    name = c1.selectbox("Checkpoint", list(describe), format_func=describe.get, key="continue_saved_name",
+                        help="Checkpoints saved with their optimizer state (checkpoints/*.safetensors).")
+    more = c2.number_input("More epochs", 1, MAX_EPOCHS, 100, key="continue_saved_epochs")
+    if not c3.button("Continue", key="continue_saved", disabled=running is not None,
+                     help="Goes on exactly where the saved run ended: its weights, optimizer state, "
+                          "minibatch order and curve."):
+        return
+    entry = next(e for e in resumable if e["name"] == name)
+    try:
+        loaded = load_checkpoint(entry["path"])   # not the pages' cached copy: training changes the weights
+        c, train = loaded.meta["corpus"], loaded.meta["train"]
+        if c["name"] == "timemachine":
+            text_name, text = "timemachine", None
+        elif source is not None and source[2] is not None:
+            text_name, text = source[0], source[2]
+        else:
+            raise UserError(f"{name} trained on {c['name']}: choose *Upload a .txt* under Settings, upload "
+                            "that file, and press Continue again.")
+        corpus = corpus_for(text_name, loaded.preprocessing, train["max_tokens"], text, c["val_tokens"])
+        job, notes = jobs.continue_saved(loaded, corpus, int(more), device=settings["device"],
+                                         threads=settings["threads"])
+    except (UserError, JobBusy) as e:
+        st.session_state["continue_said"] = ("error", str(e))
+    else:
+        st.session_state["train_watch"] = job.id
+        st.session_state["continue_said"] = ("success", f"{name} continues as {job.label}"
+                                             + (f"; {'; '.join(notes)}, so it will not end exactly where an "
+                                                "uninterrupted run would." if notes else "."))
+    st.rerun()
+
+
+def compare_row(s: Snapshot) -> dict:
+    c = s.config
+    speeds = [v for v in s.columns["tokens_per_s"] if math.isfinite(v)]
+    return {"run": s.label, "status": s.status, "model": c.model, "hidden": c.hidden_size, "layers": c.num_layers,
+            "sampling": c.sampling, "batch": c.batch_size, "steps": c.num_steps, "lr": c.lr,
+            "optimizer": c.optimizer, "clip θ": c.clip, "epochs": s.epoch, "train ppl": s.last("train_ppl"),
+            "val ppl": s.last("val_ppl"), "tokens/s": sum(speeds) / len(speeds) if speeds else None,
+            "kernel": s.kernel, "wall time (s)": s.elapsed_s, "seed": c.seed, "max tokens": c.max_tokens}
+
+
+def runs_table(snaps: list[Snapshot]) -> list[int]:
+    """The runs side by side, sortable by any column; returns the positions of the rows selected
+    (none selected: all), whose runs the chart shows."""
+    table = pd.DataFrame([compare_row(s) for s in snaps])
+    number = lambda fmt: st.column_config.NumberColumn(format=fmt)
+    event = st.dataframe(table, key="train_runs", on_select="rerun", selection_mode="multi-row", hide_index=True,
+                         column_config={"train ppl": number("%.3f"), "val ppl": number("%.2f"),
+                                        "tokens/s": number("%,.0f"), "wall time (s)": number("%,.1f"),
+                                        "lr": number("%g"), "clip θ": number("%g")})
+    # a position may outlive its row (the oldest runs are forgotten): only those still in the table
+    return [i for i in event.selection.rows if i < len(snaps)] or list(range(len(snaps)))
+
+
 # -----------------------------------------------------------------------------
 # the page
 
@@ -343,15 +416,19 @@ if stop and running is not None:
     running.stop(timeout=2.0)
     st.rerun()
 
+with st.expander("Continue a saved checkpoint", expanded="continue_said" in st.session_state):
+    continue_saved(running, source, settings)
+all_jobs = jobs.jobs()     # with a continued checkpoint's run
+
 preload_plotly()  # fetched while the user reads the settings, not after Start
 if not all_jobs:
     st.info(blocked or "Press **Start** to train with the seed's settings; the perplexity curve appears here "
                        "and falls live.")
     st.stop()
 
-labels = [j.label for j in all_jobs]
-shown = st.multiselect("Runs on the chart", labels, default=labels,  # no key: a new run resets it to all
-                       help="Finished runs stay so you can compare them (sequential vs random, RNN vs GRU vs LSTM).")
+st.caption("Runs on this server, side by side (click a column's name to sort). Select rows to draw "
+           "only those runs on the chart, beside the one trained last; with none selected it shows them all.")
+shown = [all_jobs[i].id for i in runs_table([j.snapshot() for j in all_jobs])]
 current = running or next((j for j in reversed(all_jobs) if j.id == st.session_state.get("train_watch")),
                           all_jobs[-1])
 
@@ -359,7 +436,7 @@ current = running or next((j for j in reversed(all_jobs) if j.id == st.session_s
 @st.fragment(run_every=1.0 if running is not None else None)
 def live():
     snap = current.snapshot()
-    overlay = [j.snapshot() if j is not current else snap for j in all_jobs if j.label in shown] or [snap]
+    overlay = [j.snapshot() if j is not current else snap for j in all_jobs if j.id in shown or j is current]
     live_view(snap, overlay)
     if running is not None and not snap.running:
         st.rerun()  # the run ended: redraw the whole page once, with the save form and no timer

@@ -328,3 +328,55 @@ def test_the_generate_settings_travel_in_the_link(jobs):
     at.query_params["checkpoint"] = "nowhere"                    # read once a session: ignored now
     at.run()
     assert not any("nowhere" in w.value for w in at.warning)
+
+
+def test_a_saved_checkpoint_continues_from_the_list(jobs, book):
+    """Continue a saved checkpoint: picked from a list, it trains on as a new run whose curve
+    starts with the saved history; a checkpoint without optimizer state is not offered."""
+    from charrnn.data import load_corpus
+    from charrnn.train import TrainConfig
+    corpus = load_corpus("timemachine", "seed", 2_000)
+    job = jobs.start(TrainConfig(model="rnn", hidden_size=8, epochs=2, max_tokens=2_000), corpus)
+    job.join(60)
+    job.save("tiny")
+    at = app("train")
+    assert at.selectbox(key="continue_saved_name").options == ["tiny — rnn-8, 2 epochs, perplexity "
+                                                               f"{job.trainer.last.train_ppl:.2f}"]  # not default
+    at.number_input(key="continue_saved_epochs").set_value(3)
+    at.button(key="continue_saved").click().run()
+    assert not at.exception and not at.error
+    (said,) = [s.value for s in at.success if "continues" in s.value]
+    assert said == "tiny continues as tiny (continued)."
+    (continued,) = [j for j in jobs.jobs() if j is not job]
+    continued.join(60)
+    assert poll(at, lambda a: not jobs.running())
+    assert continued.snapshot().columns["epoch"] == [0, 1, 2, 3, 4, 5]
+    assert continued.snapshot().columns["train_ppl"][1:3] == job.snapshot().columns["train_ppl"][1:]
+
+
+def test_a_checkpoint_of_an_uploaded_text_asks_for_the_text(jobs):
+    ended_job(jobs, seed=1).save("short")
+    at = app("train")
+    at.button(key="continue_saved").click().run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error]
+    assert "short trained on short.txt" in error and "upload that file" in error
+    assert len(jobs.jobs()) == 1                                   # nothing started
+
+
+def test_the_runs_table_compares_runs_and_picks_the_chart(jobs):
+    first, second = ended_job(jobs, seed=1), ended_job(jobs, seed=2)
+    at = app("train")
+    (table,) = at.dataframe
+    rows = table.value
+    assert list(rows["run"]) == [first.label, second.label] and list(rows["seed"]) == [1, 2]
+    assert list(rows["epochs"]) == [2, 2] and rows["train ppl"].notna().all() and rows["tokens/s"].gt(0).all()
+    assert set(rows.columns) >= {"model", "hidden", "sampling", "lr", "clip θ", "val ppl", "kernel", "wall time (s)"}
+    names = lambda: {t["name"].split(" · ")[0] for t in live_charts(at)[0]["data"]}
+    assert names() == {first.id, second.id}                   # none selected: all
+    at.session_state["train_runs"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception and names() == {second.id}          # only the row selected
+    third = ended_job(jobs, seed=3)                               # watched now, so always drawn
+    at.run()
+    assert names() == {second.id, third.id} and len(at.dataframe[0].value) == 3

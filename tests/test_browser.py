@@ -4,6 +4,7 @@ would use it. Screenshots of every page land in artifacts/screenshots/ (git-igno
 Needs /usr/bin/chromium (`apt-get install chromium`; .ci/run installs it). Playwright cannot
 download browsers here, so it launches that executable.
 """
+import re
 import shutil
 from pathlib import Path
 
@@ -190,4 +191,38 @@ def test_generate_adds_an_uploaded_checkpoint(page, server, tmp_path):
     added, original = load_checkpoint(server["checkpoints"] / "shared-run.safetensors"), load_checkpoint(mine)
     assert all(torch.equal(a, b) for a, b in zip(added.model.state_dict().values(), original.model.state_dict().values()))
     assert not (server["checkpoints"] / "noise.safetensors").exists()
+    no_traceback(page)
+
+
+def test_save_continue_and_compare(page, server, book):
+    """Train a small run from a link, save it, continue the checkpoint picked from the list, and
+    compare the two runs in the table: a row selected is what the chart draws beside the last run."""
+    open_page(page, server, "train?model=rnn&hidden=16&epochs=3&max_tokens=2000")
+    page.get_by_role("button", name="Start").click()
+    expect(page.get_by_text("· finished")).to_be_visible(timeout=60_000)
+    page.get_by_role("button", name="Save", exact=True).click()
+    expect(page.get_by_text("It is now in the Generate and Inspect pages")).to_be_visible()
+    saved = page.get_by_role("textbox", name="Checkpoint name").input_value()
+    section = page.get_by_test_id("stExpander").filter(has_text="Continue a saved checkpoint")
+    section.get_by_text("Continue a saved checkpoint").click()
+    expect(section.get_by_role("combobox", name="Checkpoint")).to_have_value(re.compile(f"^{saved} — rnn-16, 3 epochs"))
+    more = section.get_by_role("spinbutton", name="More epochs")
+    more.fill("2")
+    more.press("Enter")
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)
+    section.get_by_role("button", name="Continue").click()
+    expect(page.get_by_text(f"{saved} continues as {saved} (continued)")).to_be_visible()
+    expect(page.get_by_text(f"{saved} (continued) — epoch 5 / 5")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("· finished")).to_be_visible(timeout=60_000)
+    table = page.get_by_test_id("stDataFrame")
+    expect(table).to_be_visible()
+    legend = lambda: page.locator(".charrnn-plot").first.locator(".legendtext").evaluate_all(
+        "texts => texts.map(t => t.textContent)")
+    page.wait_for_function(CHARTS_DRAWN)
+    assert {t.split(" · ")[0] for t in legend()} == {"run1", f"{saved} (continued)"}    # none selected: all
+    box = table.bounding_box()               # the grid is a canvas: row 2's selection box, under the header
+    page.mouse.click(box["x"] + 18, box["y"] + 35 + 35 + 17)
+    page.wait_for_function("() => document.querySelectorAll('.charrnn-plot')[0]"
+                           "?.querySelectorAll('.legendtext').length === 2")
+    shot(page, "train-compare")
     no_traceback(page)
