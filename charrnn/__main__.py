@@ -36,6 +36,7 @@ from .errors import UserError
 from .generate import MAX_LENGTH, check_sampling, generate
 from .models import KINDS
 from .ngram import corpus_ngram_perplexities
+from .jobs import continued_trainer
 from .train import KERNELS, OPTIMIZERS, PRECISIONS, TrainConfig, Trainer, TrainingDiverged
 
 USER_ERRORS = (UserError,)  # -> exit 2, one line (CorpusError, CheckpointError and the settings checks)
@@ -124,31 +125,20 @@ NOT_SETTINGS = {"command", "argv", "defaults", "resume", "save", "overwrite", "j
                 "corpus"}   # the corpus is checked against the saved SHA-1 instead
 
 
-def resume_config(args, parser_defaults: dict):
-    """(the checkpoint, its TrainConfig with the allowed changes): UserError for any other setting given."""
-    loaded = load_checkpoint(resolve(args.resume))
-    saved = loaded.meta.get("train")
-    if not isinstance(saved, dict):
-        raise UserError(f"{loaded.path} has no training settings to continue.")
+def resume_changes(args, parser_defaults: dict) -> dict:
+    """The settings --resume changes (those given of RESUMABLE); UserError for any other setting given."""
     given = sorted(k for k, v in vars(args).items()
                    if k not in NOT_SETTINGS | set(RESUMABLE) and v != parser_defaults.get(k))
     if given:
         flags = ", ".join("--" + g.replace("_", "-") for g in given)
         raise UserError(f"--resume continues the saved run's settings, so {flags} cannot be given; "
                         f"only {', '.join('--' + r for r in RESUMABLE)} may change.")
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields} |
-                         {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) != parser_defaults.get(k)})
-    changed = [k for k in ("lr", "clip", "precision", "kernel") if getattr(config, k) != saved.get(k)]
-    if changed:
-        print(f"charrnn: {', '.join(changed)} differ from the saved run's: the result will not match an "
-              "uninterrupted run.", file=sys.stderr)
-    return loaded, config
+    return {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) != parser_defaults.get(k)}
 
 
 def cmd_train(args) -> None:
     if args.resume:
-        return cmd_train_from(*resume_config(args, args.defaults), args)
+        return cmd_train_from(resume_changes(args, args.defaults), args)
     config = TrainConfig(
         model=args.model, hidden_size=args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
         batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, epochs=args.epochs, clip=args.clip,
@@ -171,19 +161,18 @@ def save_target(args) -> Path | None:
     return save_path
 
 
-def cmd_train_from(loaded, config, args) -> None:
+def cmd_train_from(changes: dict, args) -> None:
     """--resume: the saved run's corpus (checked by its SHA-1), weights and state, N more epochs."""
+    loaded = load_checkpoint(resolve(args.resume))
     save_path = save_target(args)
-    c = loaded.meta["corpus"]
+    c, saved = loaded.meta["corpus"], loaded.meta.get("train") or {}
     source = "timemachine" if c["name"] == "timemachine" else args.corpus
     if source == "timemachine" and c["name"] != "timemachine":
         raise UserError(f"The saved run trained on {c['name']}: give that text with --corpus PATH.")
-    corpus = load_corpus(source, loaded.preprocessing, config.max_tokens, c.get("val_tokens", 2_000))
-    if corpus.sha1 != c["sha1"]:
-        raise UserError(f"{source} is not the text the saved run trained on (SHA-1 {corpus.sha1[:12]}…, "
-                        f"not {c['sha1'][:12]}…).")
-    trainer = Trainer(config, corpus, model=loaded.model)
-    trainer.resume(loaded.meta, loaded.optimizer)
+    corpus = load_corpus(source, loaded.preprocessing, saved.get("max_tokens", 10_000), c.get("val_tokens", 2_000))
+    trainer, notes = continued_trainer(loaded, corpus, **changes)
+    if notes:
+        print(f"charrnn: {'; '.join(notes)}: the result will not match an uninterrupted run.", file=sys.stderr)
     run_trainer(trainer, args, save_path)
 
 

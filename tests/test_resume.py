@@ -62,7 +62,7 @@ def test_only_the_allowed_settings_change(ckpt_dir, small_text_file, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text(small_text_file.read_text()[::-1])
     r, _ = cli("--resume", "base", "--corpus", str(other), "--epochs", "1")
-    assert r.returncode == 2 and "is not the text the saved run trained on" in r.stderr
+    assert r.returncode == 2 and "other.txt is not the text base trained on" in r.stderr
     r, out = cli("--resume", "base", "--corpus", str(small_text_file), "--epochs", "1", "--lr", "0.5")
     assert r.returncode == 0 and out["epochs"] == 2 and out["lr"] == 0.5
     assert "will not match an uninterrupted run" in r.stderr
