@@ -447,6 +447,7 @@ class StepThrough:
     P: torch.Tensor            # (T, B, V) softmax(O_t) over the V tokens
     losses: torch.Tensor       # (T, B) -log P_t[y_t], nats
     loss: float                # losses.mean(): what training minimises
+    dO: torch.Tensor           # (T, B, V) dloss/dO_t = (P_t - one_hot(y_t)) / (T*B)
     dH_out: torch.Tensor       # (T, B, h) the share of dH reaching H_t from its own output O_t
     dH_next: torch.Tensor      # (T, B, h) the share coming back from H_{t+1} through tanh and W_hh
     dH: torch.Tensor           # (T, B, h) dloss/dH_t = dH_out + dH_next, all later steps included
@@ -459,6 +460,14 @@ class StepThrough:
     def dH_norm(self) -> torch.Tensor:
         """(T,) ||dloss/dH_t|| over the whole batch, step by step."""
         return self.dH.flatten(1).norm(dim=1)
+
+    @property
+    def dH_out_norm(self) -> torch.Tensor:
+        return self.dH_out.flatten(1).norm(dim=1)                # (T,)
+
+    @property
+    def dH_next_norm(self) -> torch.Tensor:
+        return self.dH_next.flatten(1).norm(dim=1)               # (T,) zero at step T
 
     @property
     def grad_norms(self) -> dict[str, float]:
@@ -524,7 +533,7 @@ def step_through(model: nn.Module, X: torch.Tensor, Y: torch.Tensor | None = Non
     grad_norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values())).item()
     clip = min(1.0, theta / grad_norm) if grad_norm > 0 else 1.0
     return StepThrough(X=X, Y=Y, onehot=onehot, XW=XW, HW=HW, pre=pre, H=H, O=O, P=logP.exp(),
-                       losses=losses, loss=losses.mean().item(), dH_out=dH_out, dH_next=dH_next, dH=dH,
+                       losses=losses, loss=losses.mean().item(), dO=dO, dH_out=dH_out, dH_next=dH_next, dH=dH,
                        grads=grads, grad_norm=grad_norm, theta=theta, clip_factor=clip)
 
 

@@ -16,9 +16,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from charrnn import inspection as ins
+from charrnn.checkpoint import SUFFIX, checkpoint_dir
 from charrnn.data import Vocab, printable
 from charrnn.models import ModelConfig
-from pages.common import Picked, model_picker, seed_vocab, through_router
+from pages.common import UNTRAINED, Picked, model_picker, seed_vocab, through_router
 
 through_router()
 
@@ -29,7 +30,8 @@ MAX_STEPS_DRAWN, MAX_BATCH_DRAWN = 6, 16   # one-hot heatmaps: a few thousand ce
 WINDOW = 120                               # characters per heatmap of a text
 MAX_UNITS_DRAWN = 64                       # hidden units in the heatmap, largest variance first
 MAX_PAGE_HIDDEN = 512                      # the demo model is built and run for the page: keep it quick
-TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity"]
+TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity",
+        "Step through"]
 # the worked example's widgets and their defaults (the shape trace reads them with its tab closed)
 EXAMPLE = {"inspect_batch": 2, "inspect_steps": 5, "inspect_kind": "scratch", "inspect_hidden": 512,
            "inspect_layers": 1, "inspect_bidir": False}
@@ -450,6 +452,268 @@ def perplexity() -> None:
 
 
 # -----------------------------------------------------------------------------
+# the scratch RNN stepped through
+
+STEP_BATCH, STEP_STEPS = 2, 5        # the seed's X = arange(10).reshape(2, 5)
+MAX_UNITS_STEPPED = 32               # hidden units per step-through heatmap
+THETA = 1.0                          # the seed's clipping threshold
+PLAY_EVERY_S = 1.0                   # Play's pace: one step a second
+ROW_PX, PANEL_GAP_PX = 26, 78        # a heatmap row; room for a panel's x labels and the next title
+ONEHOT_SCALE = [[0, "#f4f4f4"], [1, "#1f77b4"]]
+
+
+def model_key(picked: Picked) -> tuple:
+    """What names a picked model's weights in a cache: the label (a run's counts its epochs), a
+    checkpoint's file time (a file replaced under the same name), and the object itself."""
+    mtime = None
+    if picked.checkpoint is not None:
+        try:
+            mtime = (checkpoint_dir() / f"{picked.checkpoint}{SUFFIX}").stat().st_mtime
+        except OSError:
+            pass
+    return picked.label, picked.checkpoint, mtime, id(picked.model)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def stepped(key: tuple, _model) -> ins.StepThrough:
+    """The worked example through a scratch model, forward and back, once per model: the slider
+    and every tick of Play only draw."""
+    X = ins.seed_onehot_example(STEP_BATCH, STEP_STEPS, _model.config.vocab_size).X
+    return ins.step_through(_model, X, theta=THETA)
+
+
+def panel(title: str, z, x: list[str], zmax: float, *, zmin: float | None = None, scale="RdBu",
+          text: str | None = ".2f", hover: str = ".4f", xname: str = "unit", marks=()) -> dict:
+    """One (batch, columns) heatmap of panels_figure. zmin defaults to -zmax (0 white in RdBu);
+    `marks`: (column, row label) cells to outline."""
+    return {"title": title, "z": z.tolist(), "x": x, "zmin": -zmax if zmin is None else zmin, "zmax": zmax,
+            "scale": scale, "text": text, "hover": hover, "xname": xname, "marks": list(marks)}
+
+
+def panels_figure(panels: list[dict]) -> dict:
+    """Heatmaps one under another, each titled and with its own labelled x axis (columns of
+    different meaning: tokens, hidden units). Built as a dict, as the one-hot figure is."""
+    rows = [len(p["z"]) for p in panels]
+    plot_px = sum(rows) * ROW_PX + (len(panels) - 1) * PANEL_GAP_PX
+    data, layout = [], {"height": plot_px + 30 + 40, "margin": dict(l=10, r=10, t=30, b=40),
+                        "annotations": [], "showlegend": False}
+    top = 1.0
+    for i, (p, n_rows) in enumerate(zip(panels, rows)):
+        a = "" if i == 0 else str(i + 1)                       # axis ids x, x2, ... top to bottom
+        seqs, cols = [f"seq {b}" for b in range(n_rows)], list(range(len(p["x"])))
+        trace = {"type": "heatmap", "xaxis": f"x{a}", "yaxis": f"y{a}", "z": p["z"], "x": cols, "y": seqs,
+                 "zmin": p["zmin"], "zmax": p["zmax"], "colorscale": p["scale"], "showscale": False,
+                 "xgap": 1, "ygap": 1, "customdata": [p["x"]] * n_rows,
+                 "hovertemplate": f"%{{y}}, {p['xname']} %{{customdata}}: %{{z:{p['hover']}}}<extra></extra>"}
+        if p["text"]:
+            trace |= {"texttemplate": f"%{{z:{p['text']}}}", "textfont": {"size": 9}}
+        data.append(trace)
+        if p["marks"]:
+            data.append({"type": "scatter", "mode": "markers", "xaxis": f"x{a}", "yaxis": f"y{a}",
+                         "x": [c for c, _ in p["marks"]], "y": [r for _, r in p["marks"]], "hoverinfo": "skip",
+                         "marker": {"symbol": "square-open", "size": 24, "color": "#111",
+                                    "line": {"width": 2, "color": "#111"}}})
+        layout[f"xaxis{a}"] = {"anchor": f"y{a}", "domain": [0, 1], "tickmode": "array", "tickvals": cols,
+                               "ticktext": p["x"], "tickangle": 0, "range": [-0.5, len(cols) - 0.5],
+                               "tickfont": {"family": "monospace", "size": 10}}
+        height = n_rows * ROW_PX / plot_px
+        # a fixed range, top row first: autorange would pad the rows to fit the marks' squares
+        layout[f"yaxis{a}"] = {"anchor": f"x{a}", "domain": [max(top - height, 0), top],
+                               "range": [n_rows - 0.5, -0.5], "type": "category"}
+        layout["annotations"].append({"text": p["title"], "x": 0, "y": top, "xref": "paper", "yref": "paper",
+                                      "xanchor": "left", "yanchor": "bottom", "showarrow": False,
+                                      "font": {"size": 13}})
+        top -= height + PANEL_GAP_PX / plot_px
+    return {"data": data, "layout": layout}
+
+
+def span(values) -> float:
+    """A quantity's colour range, the same at every step so that colours compare across steps."""
+    return max(float(values.abs().max()), 1e-12)
+
+
+def toggle_play() -> None:
+    """Play (from the pass's start if it stands at its end) or Pause."""
+    ss = st.session_state
+    if ss.get("inspect_playing"):
+        ss["inspect_playing"] = False
+        return
+    backward = ss.get("inspect_step_pass") == "Backward"
+    start, end = (STEP_STEPS, 1) if backward else (1, STEP_STEPS)
+    if ss.get("inspect_step", 1) == end:
+        ss["inspect_step"] = start
+    ss["inspect_playing"] = True
+    ss["inspect_play_fresh"] = True      # the click's own run shows the step that play starts from
+
+
+def pass_changed() -> None:
+    """A pass starts where it begins: the forward at step 1, the backward at step T."""
+    st.session_state["inspect_playing"] = False
+    st.session_state["inspect_step"] = STEP_STEPS if st.session_state["inspect_step_pass"] == "Backward" else 1
+
+
+def stepper() -> None:
+    st.subheader("The scratch RNN, one step at a time")
+    picked = model_picker("inspect_step_model")
+    if picked is None:
+        return
+    config = picked.model.config
+    if config.kind != "scratch":
+        st.info(f"*{picked.label}* is an {KIND_LABELS[config.kind]} model. The step-through follows the "
+                "from-scratch RNN's own W_xh, W_hh, b_h, W_hq and b_q, so only scratch checkpoints (and the "
+                "untrained model) can be stepped through; pick one of those above.")
+        return
+    model, key = picked.model, model_key(picked)
+    if picked.label == UNTRAINED:
+        hidden = st.number_input("Hidden size of the untrained model", 1, MAX_PAGE_HIDDEN, 512,
+                                 key="inspect_step_hidden", persist_state="session",
+                                 help="The seed's is 512. Random weights, the same every time; a few units "
+                                      "fit on the screen whole.")
+        model = demo_model("scratch", len(picked.vocab), int(hidden), 1, False)
+        key = ("untrained", int(hidden))
+    s = stepped(key, model)
+    V, labels = config.vocab_size, [picked.vocab.label(i) for i in range(len(picked.vocab))]
+    as_text = lambda ids: " ".join(labels[i] for i in ids)
+    rows = lambda M: "   ".join(f"seq {b}: {as_text(r)}" for b, r in enumerate(M.tolist()))
+    st.code(f"{ins.seed_onehot_example(STEP_BATCH, STEP_STEPS, V).code}   # {rows(s.X)}\n"
+            f"Y = (X + 1) % {V}   # the targets: {rows(s.Y)}")
+    st.caption(f"The targets: X is cut from the sequence of ids 0, 1, 2, …, so each input's next token is its "
+               f"id + 1; for steps 1 to {STEP_STEPS - 1} that is the next input. The state starts at zero "
+               "(begin_state), as in training.")
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    direction = c1.radio("Pass", ["Forward", "Backward"], horizontal=True, key="inspect_step_pass",
+                         on_change=pass_changed, persist_state="session",
+                         help=f"Forward: step 1 to {STEP_STEPS}, inputs to probabilities. Backward: step "
+                              f"{STEP_STEPS} back to 1, the loss's gradient flowing back through time.")
+    playing = st.session_state.get("inspect_playing", False)
+    c2.button("⏸ Pause" if playing else "▶ Play", key="inspect_play", on_click=toggle_play, width="stretch",
+              help="One step a second, to the end of the pass.")
+    st.session_state.setdefault("inspect_step", STEP_STEPS if direction == "Backward" else 1)
+
+    # Play: a timer reruns this fragment every PLAY_EVERY_S while playing; each tick moves one
+    # step. The timer is set on a full run, so a full run (st.rerun) is what stops it.
+    @st.fragment(run_every=PLAY_EVERY_S if playing else None)
+    def player():
+        ss = st.session_state
+        if ss.get("inspect_playing"):
+            end = 1 if direction == "Backward" else STEP_STEPS
+            if not ss.pop("inspect_play_fresh", False):
+                ss["inspect_step"] += -1 if direction == "Backward" else 1
+            if ss["inspect_step"] == end:
+                ss["inspect_playing"] = False   # this tick shows the last step; the next one stops
+        elif playing:
+            st.rerun()      # paused, or at the end: a full run drops the timer and says Play again
+        if ss.get("inspect_playing"):
+            # a slider that only shows the step: with no key and no input, a tick that carries the
+            # browser's previous value of the keyed slider cannot move the step back
+            t = ss["inspect_step"]
+            st.slider("Step t", 1, STEP_STEPS, t, disabled=True)
+        else:
+            t = st.slider("Step t", 1, STEP_STEPS, key="inspect_step", persist_state="session")
+        (backward_step if direction == "Backward" else forward_step)(s, labels, t)
+
+    player()
+
+
+def forward_step(s: ins.StepThrough, labels: list[str], t: int) -> None:
+    i, (T, B, h), V = t - 1, s.H.shape, s.O.shape[-1]
+    k = min(h, MAX_UNITS_STEPPED)
+    units = [str(u) for u in range(k)]
+    seen = [labels[x] for x in s.X[:, i].tolist()]
+    wanted = [labels[y] for y in s.Y[:, i].tolist()]
+    st.markdown(f"**Step {t} of {T}:** sequence 0 reads ‘{seen[0]}’ and should predict ‘{wanted[0]}’; "
+                f"sequence 1 reads ‘{seen[1]}’ and should predict ‘{wanted[1]}’.")
+    prev = ("H<sub>0</sub>·W<sub>hh</sub> = 0: begin_state's zeros, nothing to remember yet" if t == 1 else
+            f"H<sub>{t - 1}</sub>·W<sub>hh</sub>  ({B}, {h}): what step {t - 1} passes on")
+    st.plotly_chart(panels_figure([
+        panel(f"X<sub>{t}</sub> = one_hot(X.T[{i}])  ({B}, {V}): a 1 in the column of each sequence's token",
+              s.onehot[i], labels, 1, zmin=0, scale=ONEHOT_SCALE, text=None, hover=".0f", xname="token"),
+        panel(f"X<sub>{t}</sub>·W<sub>xh</sub>  ({B}, {h}): the row of W<sub>xh</sub> for the token read",
+              s.XW[i, :, :k], units, span(s.XW)),
+        panel(prev, s.HW[i, :, :k], units, span(s.HW)),
+        panel(f"X<sub>{t}</sub>·W<sub>xh</sub> + H<sub>{t - 1}</sub>·W<sub>hh</sub> + b<sub>h</sub>  ({B}, {h})",
+              s.pre[i, :, :k], units, span(s.pre)),
+        panel(f"H<sub>{t}</sub> = tanh(…)  ({B}, {h}): squashed into (−1, 1), carried to step {t + 1}"
+              if t < T else f"H<sub>{t}</sub> = tanh(…)  ({B}, {h}): squashed into (−1, 1), the final state",
+              s.H[i, :, :k], units, 1.0),
+    ]), width="stretch", key="inspect_step_forward")
+    shown = f"the first {k} of {h} hidden units" if k < h else f"all {h} hidden units"
+    st.caption(f"Drawn: {shown}. Red negative, blue positive; each row keeps one colour range over all "
+               "five steps, so colours compare from step to step. Hover a cell for its value.")
+    marks = [(y, f"seq {b}") for b, y in enumerate(s.Y[:, i].tolist())]
+    st.plotly_chart(panels_figure([
+        panel(f"O<sub>{t}</sub> = H<sub>{t}</sub>·W<sub>hq</sub> + b<sub>q</sub>  ({B}, {V}): a score for every "
+              "token", s.O[i], labels, span(s.O), xname="token", marks=marks),
+        panel(f"softmax(O<sub>{t}</sub>)  ({B}, {V}): the probability of each next token; □ the target",
+              s.P[i], labels, span(s.P), zmin=0, scale="Blues", xname="token", marks=marks),
+    ]), width="stretch", key="inspect_step_output")
+    p = [s.P[i, b, y].item() for b, y in enumerate(s.Y[:, i].tolist())]
+    st.caption(f"□ marks the target of each sequence: p = {p[0]:.3f} and {p[1]:.3f}, a loss of −log p = "
+               f"{s.losses[i, 0]:.3f} and {s.losses[i, 1]:.3f} nats (guessing among {V} tokens: "
+               f"{math.log(V):.2f}). The loss of the pass is the mean over all {T * B} predictions: "
+               f"{s.loss:.3f}.")
+
+
+def backward_step(s: ins.StepThrough, labels: list[str], t: int) -> None:
+    i, (T, B, h), V = t - 1, s.H.shape, s.O.shape[-1]
+    k = min(h, MAX_UNITS_STEPPED)
+    units = [str(u) for u in range(k)]
+    a, b, c = st.columns(3)
+    a.metric("Loss", f"{s.loss:.3f}", border=True,
+             help=f"Cross-entropy, the mean over the {T * B} predictions, as training computes it.")
+    b.metric("Gradient norm ‖g‖", f"{s.grad_norm:.4g}", border=True,
+             help="The norm of all five parameter gradients together, before clipping.")
+    c.metric(f"Clipping factor min(1, θ/‖g‖), θ = {s.theta:g}", f"{s.clip_factor:.4g}", border=True,
+             help="What clipping multiplies every gradient by before the update.")
+    order = list(range(T, 0, -1))                # T … 1: the order backpropagation visits the steps
+    steps = [f"t = {u}" for u in order]
+    bars = [("‖∂ℓ/∂H<sub>t</sub>‖", s.dH_norm, "#1f4e79"), ("from O<sub>t</sub>", s.dH_out_norm, "#6baed6"),
+            ("from H<sub>t+1</sub>", s.dH_next_norm, "#fd8d3c")]
+    st.plotly_chart({"data": [{"type": "bar", "name": name, "x": steps, "y": [norm[u - 1].item() for u in order],
+                               "marker": {"color": colour, "opacity": [1 if u == t else 0.35 for u in order]},
+                               "hovertemplate": f"{name} at %{{x}}: %{{y:.3g}}<extra></extra>"}
+                              for name, norm, colour in bars],
+                     "layout": {"height": 300, "margin": MARGIN, "barmode": "group",
+                                "title": {"text": "The gradient flowing back: ‖∂ℓ/∂H<sub>t</sub>‖ at each step",
+                                          "font": {"size": 14}},
+                                "yaxis": {"type": "log", "title": {"text": "norm (log)"}},
+                                "legend": {"orientation": "h", "y": -0.15}}},
+                    width="stretch", key="inspect_step_norms")
+    st.caption(f"From step {T} back to step 1, as backpropagation visits them: ∂ℓ/∂H_t is what reaches H_t "
+               "from its own output O_t plus what comes back from H_t+1 through tanh and W_hh. Step "
+               f"{T} gets nothing from later (no bar). Step {t}, the slider's, is drawn solid.")
+    g = max(span(s.dH), span(s.dH_out), span(s.dH_next))
+    later = (f"(∂ℓ/∂H<sub>{t + 1}</sub> ⊙ (1 − H<sub>{t + 1}</sub>²))·W<sub>hh</sub>ᵀ  ({B}, {h}): back from "
+             f"step {t + 1} through tanh and W<sub>hh</sub>" if t < T else
+             f"Back from a step {t + 1}: nothing, step {T} is the last")
+    st.plotly_chart(panels_figure([
+        panel(f"∂ℓ/∂O<sub>{t}</sub> = (softmax(O<sub>{t}</sub>) − one_hot(Y<sub>{t}</sub>)) / {T * B}  ({B}, {V}): "
+              "□ the target", s.dO[i], labels, span(s.dO), text=None, hover=".3g", xname="token",
+              marks=[(y, f"seq {b}") for b, y in enumerate(s.Y[:, i].tolist())]),
+        panel(f"∂ℓ/∂O<sub>{t}</sub>·W<sub>hq</sub>ᵀ  ({B}, {h}): from step {t}'s own output",
+              s.dH_out[i, :, :k], units, g, text=None, hover=".3g"),
+        panel(later, s.dH_next[i, :, :k], units, g, text=None, hover=".3g"),
+        panel(f"∂ℓ/∂H<sub>{t}</sub>: their sum  ({B}, {h})", s.dH[i, :, :k], units, g, text=None, hover=".3g"),
+    ]), width="stretch", key="inspect_step_backward")
+    st.caption(("Drawn: the first " + f"{k} of {h}" if k < h else f"All {h}") + " hidden units. The three "
+               "hidden-state rows share one colour range over all steps: where they fade, the gradient "
+               "vanishes. Hover a cell for its value.")
+    st.markdown(
+        f"**Clipping.** Backpropagation through the {T} steps gives a gradient for each parameter; together "
+        f"they have norm ‖g‖ = √(Σ ‖∂ℓ/∂W‖²) = {s.grad_norm:.4g}. "
+        + (f"That is more than θ = {s.theta:g}, so every gradient is multiplied by θ/‖g‖ = {s.clip_factor:.4g} "
+           f"and the update's gradient has norm {s.theta:g}." if s.clip_factor < 1 else
+           f"That is at most θ = {s.theta:g}: the factor is 1 and the gradients stay as they are."))
+    import pandas as pd
+    norms = s.grad_norms
+    st.table(pd.DataFrame({"parameter": [md(n) for n in norms],
+                           "shape": [fmt(tuple(s.grads[n].shape)) for n in norms],
+                           "‖∂ℓ/∂W‖": [f"{v:.4g}" for v in norms.values()],
+                           "after clipping": [f"{v * s.clip_factor:.4g}" for v in norms.values()]}),
+             hide_index=True)
+
+
+# -----------------------------------------------------------------------------
 # the page
 
 st.title("Inspect")
@@ -458,7 +722,8 @@ st.caption("The shapes the seed talks about, live: change the numbers and every 
 # lazy tabs: switching tabs reruns the page, and only the open tab's section runs
 tabs = st.tabs(TABS, key="inspect_tab", on_change="rerun")
 vocab = seed_vocab()     # a quarter of a millisecond: the checkpoint's header only
-sections = [lambda: worked_example(vocab), lambda: shape_trace(vocab), concatenation, inside, perplexity]
+sections = [lambda: worked_example(vocab), lambda: shape_trace(vocab), concatenation, inside, perplexity,
+            stepper]
 for tab, section in zip(tabs, sections):
     if tab.open:
         with tab:

@@ -311,6 +311,8 @@ def test_step_through_backward_is_autograds(scratch):
     torch.testing.assert_close(st_.losses.mean(), loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st_.dH, dH, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(st_.dH, st_.dH_out + st_.dH_next)
+    torch.testing.assert_close(st_.dH_out, st_.dO @ scratch.W_hq.detach().T)
+    torch.testing.assert_close(st_.dH_next_norm[-1], torch.tensor(0.0))
     assert torch.equal(st_.dH_next[-1], torch.zeros(2, scratch.config.hidden_size))  # nothing after step T
     for name, g in grads.items():
         torch.testing.assert_close(st_.grads[name], g, rtol=1e-4, atol=1e-7)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,8 @@ def rerun(app):
     return text_of(app)
 
 
-TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity"]
+TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity",
+        "Step through"]
 
 
 def open_tab(app, label: str) -> str:
@@ -216,6 +218,7 @@ SECTIONS = {  # the subheader each section starts with, and its Plotly charts
     "Concatenation": ("X W_xh + H W_hh = cat(X, H) cat(W_xh, W_hh)", 0),
     "Inside a trained model": ("The text as one-hot vectors", 3),
     "Perplexity": ("Perplexity, explained by numbers", 0),
+    "Step through": ("The scratch RNN, one step at a time", 2),
 }
 
 
@@ -256,12 +259,124 @@ def test_perplexity_quotes_the_text_as_typed(at):
 
 
 # -----------------------------------------------------------------------------
+# the step-through
+
+def save_model(folder: Path, name: str, kind: str, layers: int = 1, bidirectional: bool = False,
+               hidden: int = 16) -> str:
+    """An untrained model of `kind` saved as a checkpoint (the shipped one's metadata, its model
+    replaced); returns its label in the model picker's options."""
+    from dataclasses import asdict
+    from charrnn import inspection as ins
+    from charrnn.checkpoint import read_metadata, save_checkpoint
+    from charrnn.models import ModelConfig
+    config = ModelConfig(kind, 28, hidden, layers, bidirectional)
+    meta = read_metadata(ROOT / "checkpoints" / "default.safetensors")
+    meta |= {"model": asdict(config), "metrics": {"epochs": 0}, "resume": None}
+    save_checkpoint(folder / name, ins.demo_model(config), meta)
+    return f"{name} — {kind}-{hidden}, 0 epochs"
+
+
+def figure(app, title_part: str) -> dict:
+    """The Plotly figure one of whose panel titles contains `title_part`, as the browser gets it."""
+    specs = [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+    return next(f for f in specs if any(title_part in a.get("text", "") for a in f["layout"].get("annotations", [])))
+
+
+def shipped_steps():
+    from charrnn import inspection as ins
+    from charrnn.checkpoint import load_checkpoint
+    model = load_checkpoint(ROOT / "checkpoints" / "default.safetensors").model
+    return ins.step_through(model, ins.seed_onehot_example().X)
+
+
+def test_step_through_forward_shows_the_numbers_and_plays(at):
+    page = open_tab(at, "Step through")
+    assert "default" in at.selectbox(key="inspect_step_model").value
+    assert "X = torch.arange(10).reshape((2, 5))" in page and "Y = (X + 1) % 28" in page
+    assert "the first 32 of 512 hidden units" in page
+    assert at.slider(key="inspect_step").value == 1 and "Step 1 of 5:" in page
+    s = shipped_steps()
+    fig = figure(at, "tanh")
+    heat = [d for d in fig["data"] if d["type"] == "heatmap"]
+    assert [len(h["z"][0]) for h in heat] == [28, 32, 32, 32, 32]       # X_t over the vocabulary, then 32 units
+    assert heat[0]["z"] == s.onehot[0].tolist()
+    assert heat[1]["customdata"][0] == [str(u) for u in range(32)]
+    for panel, values in zip(heat[1:], (s.XW, s.HW, s.pre, s.H)):       # the real numbers, step 1
+        torch.testing.assert_close(torch.tensor(panel["z"]), values[0, :, :32], rtol=1e-4, atol=1e-5)
+    out = figure(at, "softmax")
+    probs = next(d for d in out["data"] if d["type"] == "heatmap" and d["yaxis"] == "y2")
+    torch.testing.assert_close(torch.tensor(probs["z"]), s.P[0], rtol=1e-4, atol=1e-6)
+    marks = [d for d in out["data"] if d["type"] == "scatter"]
+    assert all(m["x"] == s.Y[:, 0].tolist() for m in marks)             # □ on the targets
+    at.slider(key="inspect_step").set_value(3)
+    page = rerun(at)
+    assert "Step 3 of 5:" in page
+    torch.testing.assert_close(torch.tensor(figure(at, "tanh")["data"][4]["z"]), s.H[2, :, :32], rtol=1e-4, atol=1e-5)
+    # Play: its click's run shows where it starts; each timer tick (a run here) moves one step
+    at.button(key="inspect_play").click()
+    page = rerun(at)
+    assert at.button(key="inspect_play").label == "⏸ Pause" and "Step 3 of 5:" in page
+    assert "Step 4 of 5:" in rerun(at)
+    assert "Step 5 of 5:" in rerun(at)
+    rerun(at)                                   # past the end: the timer stops
+    assert at.button(key="inspect_play").label == "▶ Play" and at.slider(key="inspect_step").value == 5
+    at.button(key="inspect_play").click()       # at the end: Play starts again from step 1
+    assert "Step 1 of 5:" in rerun(at)
+    at.button(key="inspect_play").click()       # Pause
+    rerun(at)
+    assert at.button(key="inspect_play").label == "▶ Play" and "Step 1 of 5:" in rerun(at)
+
+
+def test_step_through_backward_and_clipping(at):
+    open_tab(at, "Step through")
+    at.radio(key="inspect_step_pass").set_value("Backward")
+    page = rerun(at)
+    assert at.slider(key="inspect_step").value == 5        # the backward pass starts at the last step
+    s = shipped_steps()
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["Loss"]) == pytest.approx(s.loss, abs=1e-3)
+    assert float(metrics["Gradient norm ‖g‖"]) == pytest.approx(s.grad_norm, rel=1e-3)
+    assert float(metrics["Clipping factor min(1, θ/‖g‖), θ = 1"]) == pytest.approx(min(1, 1 / s.grad_norm), rel=1e-3)
+    assert s.grad_norm > 1 and "so every gradient is multiplied by θ/‖g‖" in page
+    params = at.table[0].value
+    assert list(params["shape"]) == ["(28, 512)", "(512, 512)", "(512,)", "(512, 28)", "(28,)"]
+    norms = json.loads(next(c.proto.spec for c in at.get("plotly_chart") if "gradient flowing back" in c.proto.spec))
+    assert norms["data"][0]["x"] == ["t = 5", "t = 4", "t = 3", "t = 2", "t = 1"]   # in the order backprop visits
+    assert norms["data"][0]["y"] == pytest.approx(s.dH_norm.flip(0).tolist(), rel=1e-5)
+    assert "nothing, step 5 is the last" in figure(at, "their sum")["layout"]["annotations"][2]["text"]
+    at.slider(key="inspect_step").set_value(2)
+    rerun(at)
+    heat = figure(at, "their sum")["data"]
+    dH = next(d for d in heat if d["type"] == "heatmap" and d["yaxis"] == "y4")
+    torch.testing.assert_close(torch.tensor(dH["z"]), s.dH[1, :, :32], rtol=1e-4, atol=1e-9)
+
+
+def test_step_through_untrained_and_other_kinds(at, ckpt_dir):
+    label = save_model(ckpt_dir, "lstm16", "lstm")
+    open_tab(at, "Step through")
+    untrained = next(o for o in at.selectbox(key="inspect_step_model").options if o.startswith("Untrained"))
+    at.selectbox(key="inspect_step_model").set_value(untrained)
+    assert "the first 32 of 512 hidden units" in rerun(at)   # the seed's size first
+    at.number_input(key="inspect_step_hidden").set_value(8)
+    page = rerun(at)
+    assert "all 8 hidden units" in page
+    assert len(figure(at, "tanh")["data"][4]["z"][0]) == 8
+    at.radio(key="inspect_step_pass").set_value("Backward")
+    rerun(at)
+    assert {m.label: m.value for m in at.metric}["Clipping factor min(1, θ/‖g‖), θ = 1"] == "1"  # small weights
+    at.selectbox(key="inspect_step_model").set_value(label)
+    rerun(at)
+    assert any("only scratch checkpoints" in i.value for i in at.info)
+    assert not at.get("plotly_chart")
+
+
+# -----------------------------------------------------------------------------
 # the tabs in a real browser: AppTest cannot click a tab
 
 CHROMIUM = "/usr/bin/chromium"
 MARKS = {"Worked example": "One-hot encoding of a (batch, steps) batch", "Shape trace": "Every stage of one forward pass",
          "Concatenation": "Largest absolute difference", "Inside a trained model": "Hidden state over the text",
-         "Perplexity": "Perplexity, explained by numbers"}   # a text each section alone shows
+         "Perplexity": "Perplexity, explained by numbers", "Step through": "The scratch RNN, one step at a time"}   # a text each section alone shows
 CHARTS_DRAWN = """() => {
     const shown = [...document.querySelectorAll('[data-testid=stPlotlyChart]')].filter(e => e.offsetParent !== null);
     return shown.length > 0 && shown.every(e => e.querySelector('.main-svg'));
