@@ -14,6 +14,7 @@ import math
 
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.colors import qualitative
 
 from charrnn import inspection as ins
 from charrnn.checkpoint import SUFFIX, checkpoint_dir
@@ -31,7 +32,7 @@ WINDOW = 120                               # characters per heatmap of a text
 MAX_UNITS_DRAWN = 64                       # hidden units in the heatmap, largest variance first
 MAX_PAGE_HIDDEN = 512                      # the demo model is built and run for the page: keep it quick
 TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity",
-        "Step through"]
+        "Step through", "Hidden-state trajectory"]
 # the worked example's widgets and their defaults (the shape trace reads them with its tab closed)
 EXAMPLE = {"inspect_batch": 2, "inspect_steps": 5, "inspect_kind": "scratch", "inspect_hidden": 512,
            "inspect_layers": 1, "inspect_bidir": False}
@@ -452,7 +453,7 @@ def perplexity() -> None:
 
 
 # -----------------------------------------------------------------------------
-# the scratch RNN stepped through
+# the scratch RNN stepped through, and the hidden state's path
 
 STEP_BATCH, STEP_STEPS = 2, 5        # the seed's X = arange(10).reshape(2, 5)
 MAX_UNITS_STEPPED = 32               # hidden units per step-through heatmap
@@ -460,6 +461,8 @@ THETA = 1.0                          # the seed's clipping threshold
 PLAY_EVERY_S = 1.0                   # Play's pace: one step a second
 ROW_PX, PANEL_GAP_PX = 26, 78        # a heatmap row; room for a panel's x labels and the next title
 ONEHOT_SCALE = [[0, "#f4f4f4"], [1, "#1f77b4"]]
+SPACE_COLOUR, UNK_COLOUR = "#c8c8c8", "#000000"
+ALPHABET = qualitative.Alphabet      # 26 distinct colours for the letters
 
 
 def model_key(picked: Picked) -> tuple:
@@ -480,6 +483,11 @@ def stepped(key: tuple, _model) -> ins.StepThrough:
     and every tick of Play only draw."""
     X = ins.seed_onehot_example(STEP_BATCH, STEP_STEPS, _model.config.vocab_size).X
     return ins.step_through(_model, X, theta=THETA)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def trajectory(key: tuple, text: str, preprocessing: str, _model, _vocab) -> ins.Trajectory:
+    return ins.hidden_trajectory(_model, _vocab, text, preprocessing)
 
 
 def panel(title: str, z, x: list[str], zmax: float, *, zmin: float | None = None, scale="RdBu",
@@ -713,6 +721,72 @@ def backward_step(s: ins.StepThrough, labels: list[str], t: int) -> None:
              hide_index=True)
 
 
+def char_colour(vocab: Vocab, token_id: int) -> str:
+    """A colour per token: spaces light grey (they are many), <unk> black, letters from a palette."""
+    token = vocab.idx_to_token[token_id]
+    if token == " ":
+        return SPACE_COLOUR
+    if token_id == 0:
+        return UNK_COLOUR
+    return ALPHABET[token_id % len(ALPHABET)]
+
+
+def trajectory_section() -> None:
+    st.subheader("Hidden-state trajectory")
+    st.caption("After each character the hidden state is a point in as many dimensions as the model has "
+               "units. Principal component analysis finds the two directions along which those points "
+               "spread most over the passage; the path below is the state moving in that plane as the "
+               "model reads.")
+    picked = model_picker("inspect_model")        # the same widget as in "Inside a trained model"
+    text = st.text_area(f"Passage (up to {ins.MAX_TRAJECTORY_CHARS} characters: a labelled point for each)",
+                        SEED_TEXT, max_chars=ins.MAX_TRAJECTORY_CHARS, key="inspect_traj_text",
+                        persist_state="session")
+    if picked is None:
+        return
+    if len(text or "") < 3:
+        st.info("Type at least three characters: a path needs a few points to have a shape.")
+        return
+    config = picked.model.config
+    tr = trajectory(model_key(picked), text, picked.preprocessing, picked.model, picked.vocab)
+    if tr.truncated or len(text) >= ins.MAX_TRAJECTORY_CHARS:   # the text box keeps no more than this
+        st.info(f"The passage is at its limit: the first {ins.MAX_TRAJECTORY_CHARS} characters are drawn, a "
+                "labelled point each; more would be a blot.")
+    if config.bidirectional:
+        st.info("This model is bidirectional: the path uses the forward direction's half of each state. "
+                "The backward half has read the passage from its end, so it does not follow the reading.")
+    if tr.unknown_chars:
+        st.warning("Not in this model's vocabulary, read as <unk>: " + " ".join(repr(c) for c in tr.unknown_chars))
+    e1, e2 = tr.explained.tolist()
+    x, y = tr.points[:, 0].tolist(), tr.points[:, 1].tolist()
+    shown = [printable(ch) for ch in tr.chars]
+    n = len(x)
+    st.plotly_chart({
+        "data": [{"type": "scatter", "mode": "lines+markers+text", "x": x, "y": y, "text": shown,
+                  "textposition": "top center", "textfont": {"family": "monospace", "size": 11},
+                  "line": {"color": "#bbbbbb", "width": 1},
+                  "marker": {"size": 9, "color": [char_colour(picked.vocab, i) for i in tr.ids],
+                             "line": {"width": 0.5, "color": "#333"}},
+                  "customdata": [[j + 1, ch] for j, ch in enumerate(shown)],
+                  "hovertemplate": "character %{customdata[0]}: ‘%{customdata[1]}’<br>"
+                                   "PC1 %{x:.3f}, PC2 %{y:.3f}<extra></extra>"}],
+        "layout": {"height": 600, "margin": dict(l=10, r=10, t=40, b=10), "showlegend": False,
+                   "title": {"text": f"{tr.what.replace('_t', '<sub>t</sub>')} after each character, "
+                                     "on its first two principal components",
+                             "font": {"size": 14}},
+                   "xaxis": {"title": {"text": f"PC1 ({e1:.0%} of the variance)"}, "zeroline": False},
+                   "yaxis": {"title": {"text": f"PC2 ({e2:.0%} of the variance)"}, "zeroline": False},
+                   "annotations": [{"x": x[j], "y": y[j], "text": label, "showarrow": True, "arrowhead": 2,
+                                    "ax": 30, "ay": -30, "font": {"size": 11}}
+                                   for j, label in ((0, "start"), (n - 1, "end"))]}},
+        width="stretch", key="inspect_traj_fig")
+    st.caption(f"The two components explain {e1:.1%} and {e2:.1%} of the variance of {tr.what} over these "
+               f"{n} characters ({e1 + e2:.1%} together; the states have {tr.units} dimensions). Each point "
+               "is the state after reading its character, coloured by that character (spaces grey); the grey "
+               "line joins them in reading order."
+               + (" Under a quarter of the variance: the state moves in many directions at once, and this "
+                  "plane shows only a shadow of its path." if e1 + e2 < 0.25 else ""))
+
+
 # -----------------------------------------------------------------------------
 # the page
 
@@ -723,7 +797,8 @@ st.caption("The shapes the seed talks about, live: change the numbers and every 
 tabs = st.tabs(TABS, key="inspect_tab", on_change="rerun")
 vocab = seed_vocab()     # a quarter of a millisecond: the checkpoint's header only
 sections = [lambda: worked_example(vocab), lambda: shape_trace(vocab), concatenation, inside, perplexity,
-            stepper]
+            stepper,
+            trajectory_section]
 for tab, section in zip(tabs, sections):
     if tab.open:
         with tab:

@@ -43,7 +43,7 @@ def rerun(app):
 
 
 TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity",
-        "Step through"]
+        "Step through", "Hidden-state trajectory"]
 
 
 def open_tab(app, label: str) -> str:
@@ -219,6 +219,7 @@ SECTIONS = {  # the subheader each section starts with, and its Plotly charts
     "Inside a trained model": ("The text as one-hot vectors", 3),
     "Perplexity": ("Perplexity, explained by numbers", 0),
     "Step through": ("The scratch RNN, one step at a time", 2),
+    "Hidden-state trajectory": ("Hidden-state trajectory", 1),
 }
 
 
@@ -259,7 +260,7 @@ def test_perplexity_quotes_the_text_as_typed(at):
 
 
 # -----------------------------------------------------------------------------
-# the step-through
+# the step-through and the trajectory
 
 def save_model(folder: Path, name: str, kind: str, layers: int = 1, bidirectional: bool = False,
                hidden: int = 16) -> str:
@@ -370,13 +371,61 @@ def test_step_through_untrained_and_other_kinds(at, ckpt_dir):
     assert not at.get("plotly_chart")
 
 
+@pytest.mark.parametrize("kind, layers, bidirectional", [("rnn", 1, False), ("gru", 2, False), ("lstm", 2, True)])
+def test_trajectory_every_kind(at, ckpt_dir, kind, layers, bidirectional):
+    label = save_model(ckpt_dir, f"{kind}-model", kind, layers, bidirectional)
+    open_tab(at, "Hidden-state trajectory")
+    at.selectbox(key="inspect_model").set_value(label)
+    page = rerun(at)
+    assert ("forward direction's half" in page) == bidirectional
+    path = figure_of(at)
+    assert len(path["x"]) == len(path["text"]) == len(SEED_TEXT)
+    assert "lines" in path["mode"] and "markers" in path["mode"]
+    assert len(set(path["marker"]["color"])) > 5                # coloured by character
+    e1, e2 = map(float, re.search(r"explain ([\d.]+)% and ([\d.]+)% of the variance", page).groups())
+    assert 0 <= e2 <= e1 <= 100
+
+
+def figure_of(at) -> dict:
+    """The trajectory's path trace."""
+    spec = json.loads(next(c.proto.spec for c in at.get("plotly_chart")))
+    return spec["data"][0]
+
+
+SEED_TEXT = ("the time traveller for so it will be convenient to speak of him was expounding "
+             "a recondite matter to us")
+
+
+def test_trajectory_of_the_shipped_model_and_odd_texts(at):
+    page = open_tab(at, "Hidden-state trajectory")
+    assert "default" in at.selectbox(key="inspect_model").value
+    from charrnn import inspection as ins
+    from charrnn.checkpoint import load_checkpoint
+    shipped = load_checkpoint(ROOT / "checkpoints" / "default.safetensors")
+    tr = ins.hidden_trajectory(shipped.model, shipped.vocab, SEED_TEXT)
+    path = figure_of(at)
+    torch.testing.assert_close(torch.tensor([path["x"], path["y"]]).T, tr.points)
+    assert f"explain {tr.explained[0]:.1%} and {tr.explained[1]:.1%}" in page
+    at.text_area(key="inspect_traj_text").set_value("ab")
+    rerun(at)
+    assert any("at least three characters" in i.value for i in at.info) and not at.get("plotly_chart")
+    at.text_area(key="inspect_traj_text").set_value("The Time Machine, 1895")
+    rerun(at)
+    assert any("<unk>" in w.value and "'1'" in w.value for w in at.warning)
+    at.text_area(key="inspect_traj_text").set_value("the time machine " * 40)   # 680 characters
+    page = rerun(at)
+    assert f"at its limit: the first {ins.MAX_TRAJECTORY_CHARS} characters are drawn" in page
+    assert len(figure_of(at)["x"]) == ins.MAX_TRAJECTORY_CHARS
+
+
 # -----------------------------------------------------------------------------
 # the tabs in a real browser: AppTest cannot click a tab
 
 CHROMIUM = "/usr/bin/chromium"
 MARKS = {"Worked example": "One-hot encoding of a (batch, steps) batch", "Shape trace": "Every stage of one forward pass",
          "Concatenation": "Largest absolute difference", "Inside a trained model": "Hidden state over the text",
-         "Perplexity": "Perplexity, explained by numbers", "Step through": "The scratch RNN, one step at a time"}   # a text each section alone shows
+         "Perplexity": "Perplexity, explained by numbers", "Step through": "The scratch RNN, one step at a time",
+         "Hidden-state trajectory": "The two components explain"}   # a text each section alone shows
 CHARTS_DRAWN = """() => {
     const shown = [...document.querySelectorAll('[data-testid=stPlotlyChart]')].filter(e => e.offsetParent !== null);
     return shown.length > 0 && shown.every(e => e.querySelector('.main-svg'));
