@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from .errors import UserError
 from .checkpoint import Loaded, make_metadata, path_for_name, save_checkpoint
 from .data import Corpus
+from .ngram import corpus_ngram_perplexities
 from .train import EpochStats, TrainConfig, Trainer, TrainingDiverged
 
 COLUMNS = ("epoch", "train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "grad_norm_max", "clipped", "elapsed_s")
@@ -51,6 +52,7 @@ class Snapshot:
     precision: str                 # what the run trains in (config.precision "auto" resolved)
     kernel: str                    # how its recurrence runs (config.kernel "auto" resolved, charrnn/kernels)
     saved: list[str] = field(default_factory=list)
+    ngram: dict[int, dict] | None = None  # n-gram baselines on the run's text: {order: {"train", "val"}}
     graph_failed: str | None = None  # why the CUDA graph could not be recorded (the run went on op by op)
 
     @property
@@ -96,6 +98,7 @@ class Job:
                 self.columns[c].extend(done[c] if c in done else [NAN] * len(done["epoch"]))
         self.samples: list[tuple[int, str]] = []
         self.saved: list[str] = []
+        self.ngram: dict[int, dict] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._started = time.perf_counter() - self.trainer.train_seconds
@@ -136,6 +139,10 @@ class Job:
         try:
             for stats in self.trainer.run(self._stop):
                 self._record(stats)
+                if self.ngram is None:   # after the first point, so the chart does not wait for it
+                    ngram = baselines(self.corpus)
+                    with self._lock:
+                        self.ngram = ngram
             status, error = ("stopped" if self._stop.is_set() else "finished"), None
         except TrainingDiverged as e:
             status, error = "failed", str(e)
@@ -173,7 +180,7 @@ class Job:
                 columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples),
                 elapsed_s=end - self._started, config=self.config, vocab_size=len(self.corpus.vocab),
                 precision=self.trainer.precision, kernel=self.trainer.kernel.name, saved=list(self.saved),
-                graph_failed=self.trainer.graph_failed)
+                ngram=self.ngram, graph_failed=self.trainer.graph_failed)
 
     @property
     def default_name(self) -> str:
@@ -212,6 +219,18 @@ def cli_command(c: TrainConfig, corpus: str = "timemachine", preprocessing: str 
     if not c.cuda_graphs:
         args.append("--no-cuda-graphs")
     return "python -m charrnn train " + shlex.join(str(a) for a in args)
+
+
+_baselines: dict[tuple, dict[int, dict]] = {}
+
+
+def baselines(corpus: Corpus) -> dict[int, dict]:
+    """The n-gram baselines of a corpus's training and validation tokens, computed once per text
+    and split (runs on the same text share them; a few entries, each a few numbers)."""
+    key = (corpus.sha1, corpus.preprocessing, len(corpus.train), 0 if corpus.val is None else len(corpus.val))
+    if key not in _baselines:
+        _baselines[key] = corpus_ngram_perplexities(corpus)
+    return _baselines[key]
 
 
 def continued_trainer(loaded: Loaded, corpus: Corpus, **changes) -> tuple[Trainer, list[str]]:

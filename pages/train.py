@@ -230,7 +230,33 @@ def log_figure(traces: list[dict], lines: list[tuple[dict, dict]], name: str, he
     return dict(data=traces, layout=layout)
 
 
-def perplexity_figure(snaps: list[Snapshot]) -> dict:
+def baseline_traces(ngram: dict[int, dict], last_epoch: float) -> list[dict]:
+    """The n-gram baselines as flat lines across the chart, named like "3-gram (val)" and labelled
+    at their right end: the validation ones shown, the training ones (far lower at high orders:
+    they memorise) one click away. One legend entry per split toggles its lines: Plotly toggles a
+    legend group together, and only an empty trace of the group shows in the legend."""
+    traces, top = [], max(ngram)
+    for split, dash in (("val", "dot"), ("train", "dashdot")):
+        orders = [n for n in sorted(ngram) if ngram[n].get(split) is not None]
+        if not orders:
+            continue
+        group = dict(legendgroup=f"ngram-{split}", visible=True if split == "val" else "legendonly",
+                     line=dict(color="#aaa", width=1, dash=dash))
+        traces.append(dict(type="scatter", x=[None], y=[None], mode="lines", showlegend=True,
+                           name=f"{orders[0]}–{orders[-1]}-gram ({split})", **group))
+        for n in orders:
+            y, name = ngram[n][split], f"{n}-gram ({split})"
+            traces.append(dict(type="scatter", x=[0, last_epoch], y=[y, y], name=name, mode="lines+text",
+                               # the two highest orders lie close: the top one's label goes under its line
+                               text=["", name], textposition="bottom left" if n == top else "top left",
+                               textfont=dict(size=10, color="#888"), showlegend=False,
+                               hovertemplate=f"{name}: %{{y:.2f}}<extra></extra>", **group))
+    return traces
+
+
+def perplexity_figure(snaps: list[Snapshot], ngram: dict[int, dict] | None = None) -> dict:
+    """Every run's training and validation perplexity per epoch; with `ngram`, the baselines of the
+    watched run's text."""
     traces = []
     vocab = max(s.vocab_size for s in snaps)
     for i, s in enumerate(snaps):
@@ -242,6 +268,8 @@ def perplexity_figure(snaps: list[Snapshot]) -> dict:
         x, y = curve(ep, s.columns["val_ppl"])
         traces.append(dict(type="scatter", x=x, y=y, name=f"{label} · validation", mode="lines",
                            line=dict(color=color, dash="dot")))
+    if ngram:
+        traces += baseline_traces(ngram, max(max(s.epochs, 1) for s in snaps))
     lines = [hline(vocab, "gray", f"uniform guess = vocab size ({vocab})", True), hline(1, "green", "perfect = 1", True)]
     top = max([vocab] + [v for s in snaps for v in s.columns["train_ppl"] + s.columns["val_ppl"] if math.isfinite(v)])
     # the y range: from just under 1 to the worst
@@ -284,7 +312,7 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
     m2.metric("Validation perplexity", f"{val:.2f}" if val else "–")
     m3.metric("Tokens / s", f"{tps:,.0f}" if tps else "–")
     m4.metric("Gradient norm", f"{g:.3g}" if g else "–")
-    live_plot(perplexity_figure(overlay), key="train_chart_ppl")
+    live_plot(perplexity_figure(overlay, snap.ngram), key="train_chart_ppl")
     left, right = st.columns([3, 2])
     with left:
         if snap.epoch:

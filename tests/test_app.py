@@ -380,3 +380,16 @@ def test_the_runs_table_compares_runs_and_picks_the_chart(jobs):
     third = ended_job(jobs, seed=3)                               # watched now, so always drawn
     at.run()
     assert names() == {second.id, third.id} and len(at.dataframe[0].value) == 3
+
+
+def test_the_chart_draws_the_ngram_baselines(jobs):
+    job = ended_job(jobs, seed=1)
+    at = app("train")
+    traces = [t for t in live_charts(at)[0]["data"] if "-gram" in t["name"]]
+    assert [t["name"] for t in traces if t["showlegend"]] == ["1–5-gram (val)", "1–5-gram (train)"]  # toggles
+    lines = {t["name"]: t for t in traces if not t["showlegend"]}
+    assert sorted(lines) == sorted(f"{n}-gram ({s})" for n in range(1, 6) for s in ("train", "val"))
+    for n, values in job.snapshot().ngram.items():
+        assert lines[f"{n}-gram (val)"]["y"] == [values["val"]] * 2 and lines[f"{n}-gram (val)"]["visible"] is True
+        assert lines[f"{n}-gram (train)"]["y"] == [values["train"]] * 2
+        assert lines[f"{n}-gram (train)"]["visible"] == "legendonly"

@@ -198,3 +198,11 @@ def test_continuing_a_checkpoint_checks_its_text_and_says_what_changed(registry,
     with pytest.raises(JobBusy):
         registry.continue_saved(load_checkpoint(ckpt_dir / "one.safetensors"), small_corpus, epochs=1)
     job.join(60)
+
+
+def test_a_run_carries_the_ngram_baselines_of_its_text(registry, small_corpus):
+    from charrnn.ngram import corpus_ngram_perplexities
+    job = registry.start(TrainConfig(**SMALL, epochs=1), small_corpus)
+    job.join(60)
+    assert job.snapshot().ngram == corpus_ngram_perplexities(small_corpus)
+    assert sorted(job.snapshot().ngram) == [1, 2, 3, 4, 5]
