@@ -20,7 +20,8 @@ from charrnn import inspection as ins
 from charrnn.checkpoint import SUFFIX, checkpoint_dir
 from charrnn.data import Vocab, printable
 from charrnn.models import ModelConfig
-from pages.common import UNTRAINED, Picked, model_picker, seed_vocab, through_router
+from charrnn.errors import UserError
+from pages.common import UNTRAINED, Picked, corpus_for, model_picker, seed_vocab, through_router
 
 through_router()
 
@@ -448,8 +449,52 @@ def perplexity() -> None:
                     f"{metrics['perplexity']:.2f} on its training text"
                     + (f" and {val:.1f} on the held-out text after it" if val is not None else "")
                     + ". A large gap means it memorised its training text rather than learning English.")
+    ngram_comparison(picked, reading)
     if not reading.honest:
         st.caption("A bidirectional model's perplexity is not a fair score: it has seen the answers.")
+
+
+@st.cache_resource(max_entries=8, show_spinner="Counting n-grams…")
+def ngram_model(preprocessing: str, max_tokens: int, val_tokens: int):
+    """The 5-gram model (and every lower order) of The Time Machine's training slice of a run, and
+    its perplexities on that slice and on the held-out one (jobs.baselines: shared with Train)."""
+    from charrnn.jobs import baselines
+    from charrnn.ngram import NGramModel
+    corpus = corpus_for("timemachine", preprocessing, max_tokens, None, val_tokens)
+    return NGramModel(5, len(corpus.vocab)).fit(corpus.train), baselines(corpus), corpus.sha1
+
+
+def ngram_comparison(picked: Picked, reading) -> None:
+    """The model beside character n-grams fitted on the same training tokens, on this text and on
+    the run's own training and held-out text."""
+    import pandas as pd
+    meta = picked.meta or {}
+    corpus, train = meta.get("corpus") or {}, meta.get("train") or {}
+    if corpus.get("name") != "timemachine" or "max_tokens" not in train:
+        st.caption("N-gram baselines need the text the model trained on: "
+                   + ("this model has not trained." if not meta else
+                      f"{corpus.get('name', 'an unknown text')} was an upload, which the app does not keep."))
+        return
+    try:
+        model, on_run, sha1 = ngram_model(meta["preprocessing"], train["max_tokens"], corpus.get("val_tokens", 2000))
+    except UserError as e:
+        st.caption(f"No n-gram baselines: {e}")
+        return
+    if sha1 != corpus.get("sha1"):
+        st.caption("No n-gram baselines: this copy of The Time Machine is not the one the model trained on.")
+        return
+    here = model.perplexities(reading.ids)
+    metrics = meta.get("metrics") or {}
+    rows = [{"model": f"{n}-gram", "this text": here[n], "training text": on_run[n]["train"],
+             "held-out text": on_run[n]["val"]} for n in sorted(on_run)]
+    rows.append({"model": picked.label, "this text": reading.perplexity, "training text": metrics.get("perplexity"),
+                 "held-out text": metrics.get("val_perplexity")})
+    st.markdown("**Against n-gram baselines.** Character n-gram models (interpolated Kneser–Ney) fitted on "
+                "the same training tokens: an n-gram guesses from the n − 1 characters before, an RNN from "
+                "everything it has read. Perplexity, lower is better:")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="inspect_ngram",
+                 column_config={c: st.column_config.NumberColumn(format="%.2f")
+                                for c in ("this text", "training text", "held-out text")})
 
 
 # -----------------------------------------------------------------------------

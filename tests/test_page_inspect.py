@@ -465,3 +465,22 @@ def test_tabs_in_a_browser(tmp_path):
         log.seek(0)
         assert "Traceback" not in log.read()
     assert not errors, errors
+
+
+def test_perplexity_sets_the_model_beside_ngram_baselines(at, book):
+    """The shipped model against n-grams fitted on its own training tokens: on the typed text, and
+    the n-grams' perplexities on the run's training and held-out text (the same as Train's)."""
+    from charrnn.data import load_corpus
+    from charrnn.jobs import baselines
+    from charrnn.ngram import NGramModel
+    open_tab(at, "Perplexity")
+    (table,) = [d.value for d in at.dataframe if "held-out text" in d.value.columns]
+    assert list(table["model"])[:5] == [f"{n}-gram" for n in range(1, 6)] and table["model"][5].startswith("default")
+    corpus = load_corpus("timemachine", "seed", 10_000, 2_000)
+    on_run = baselines(corpus)
+    assert list(table["held-out text"][:5]) == [on_run[n]["val"] for n in range(1, 6)]
+    reading_ids = [corpus.vocab[c] for c in ("the time traveller for so it will be convenient to speak of him was "
+                                             "expounding a recondite matter to us")]
+    here = NGramModel(5, len(corpus.vocab)).fit(corpus.train).perplexities(reading_ids)
+    assert list(table["this text"][:5]) == pytest.approx([here[n] for n in range(1, 6)])
+    assert table["training text"][5] == pytest.approx(1.0463, abs=1e-3)     # the shipped model's own figure
