@@ -105,7 +105,13 @@ def make_metadata(trainer, command: str | None = None, settings: dict | None = N
                     "val_perplexity": last.val_ppl if last else (first.val_ppl if first else None),
                     "tokens_per_s": trainer.tokens_per_s or None},
         "history": {"epoch": [int(e) for e in h["epoch"]], "train_ppl": nan_to_none(h["train_ppl"]),
-                    "val_ppl": nan_to_none(h["val_ppl"])},
+                    "val_ppl": nan_to_none(h["val_ppl"]), "sigma_max": nan_to_none(h["sigma_max"])},
+        # the gradient flow through time at the epochs probed (charrnn/gradflow.py), for Inspect;
+        # 4 significant digits: a picture's worth, and the header stays small
+        "gradflow": {"epoch": [e for e, _ in trainer.flows],
+                     "h": [[float(f"{v:.4g}") for v in f.h_norms] for _, f in trainer.flows],
+                     "x": [[float(f"{v:.4g}") for v in f.x_norms] for _, f in trainer.flows],
+                     "loss": [f.loss for _, f in trainer.flows]},
         "resume": trainer.resume_state()[1],
     }
 

@@ -4,6 +4,9 @@
     for stats in trainer.run(stop_event):      # EpochStats per epoch; epoch 0 = the untrained model
         print(stats.epoch, stats.train_ppl)
 
+Besides the perplexities, every epoch reports sigma_max of W_hh and, at some epochs (probe_every),
+the gradient flow through time on a fixed probe minibatch (charrnn/gradflow.py).
+
 The loop never prints or plots; the CLI's progress bar and the app's charts subscribe to it.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from . import kernels
 from .data import SAMPLERS, Corpus, check_batchable
 from .device import cpu_threads, resolve_device
 from .generate import generate
+from .gradflow import GradFlow, gradient_flow, largest_singular_value, probe_batch
 from .models import DEFAULT_HIDDEN, ModelConfig, build_model, detach_state
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -34,6 +38,11 @@ MAX_EPOCHS = 100_000
 MAX_THREADS = 1024
 NAN = float("nan")
 MAX_LOSS = 100.0  # mean cross-entropy above this (perplexity e^100) counts as diverged
+# probe_every=None probes when the training time since the last probe is at least 1/PROBE_SHARE
+# times the last probe's own time. A probe runs the plain autograd loop, so against an epoch of the
+# fast kernels its cost differs by model, size and machine: a fixed cadence would be too dense for
+# one and too sparse for another (bench/gradflow_cost.py measures what it costs)
+PROBE_SHARE = 0.01
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +73,7 @@ class TrainConfig:
     cuda_graphs: bool = True   # on a CUDA device, replay each minibatch's step as one recorded CUDA graph
     sample_every: int = 10
     sample_prefix: str = "time traveller"
+    probe_every: int | None = None  # epochs between gradient-flow probes; 0 off; None: by time (PROBE_SHARE)
 
     def __post_init__(self):
         if self.hidden_size is None:
@@ -80,6 +90,8 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"Precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}."),
             (self.kernel in KERNELS, f"Kernel must be one of {', '.join(KERNELS)}, not {self.kernel!r}."),
             (0 <= self.threads <= MAX_THREADS, f"Threads must be between 0 (all cores) and {MAX_THREADS}, not {self.threads}."),
+            (self.probe_every is None or (type(self.probe_every) is int and self.probe_every >= 0),
+             f"Gradient probes come every N >= 1 epochs, 0 (off) or None (auto), not {self.probe_every!r}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -101,6 +113,8 @@ class EpochStats:
     clipped: float | None            # fraction of minibatches whose gradient was clipped
     elapsed_s: float                 # since the run started
     sample: str | None = None        # 50 characters after sample_prefix, every sample_every epochs
+    sigma_max: float | None = None   # largest singular value of W_hh (charrnn/gradflow.py)
+    grad_flow: GradFlow | None = None  # at the probe epochs: ||dl_T/dh_t||, ||dl_T/dx_t|| per step t
 
 
 def clip_gradients(parameters, theta: float) -> torch.Tensor:
@@ -245,9 +259,12 @@ class Trainer:
         self.rng = random.Random(config.seed)     # the iterators' offsets and shuffles
         self.epoch = 0                            # full epochs trained
         self.train_tokens, self.train_seconds = 0, 0.0
-        self.history = {c: array("d") for c in ("epoch", "train_ppl", "val_ppl")}  # 8 bytes a value
+        self.history = {c: array("d") for c in ("epoch", "train_ppl", "val_ppl", "sigma_max")}  # 8 bytes a value
+        self.flows: list[tuple[int, GradFlow]] = []   # (epoch, its probe) at every epoch probed, 0 included
         self.first: EpochStats | None = None      # epoch 0, the untrained model
         self.last: EpochStats | None = None       # the latest full epoch
+        self.sigma_bases: dict = {}               # largest_singular_value's vectors, from epoch to epoch
+        self.probe_s, self.probed_at = 0.0, 0.0   # the quickest probe's time; train_seconds at the last
 
     def _epoch_start(self) -> tuple:
         """What an epoch changes, as it was before it: the weights, the optimizer's state and the
@@ -291,8 +308,13 @@ class Trainer:
         version, internal, gauss = saved["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         history = meta.get("history") or {}
-        for column, values in self.history.items():
-            values.extend(NAN if v is None else v for v in history.get(column, []))
+        epochs = len(history.get("epoch", []))
+        for column, values in self.history.items():   # a column an older charrnn did not save: NaN
+            saved_values = history.get(column) or [None] * epochs
+            values.extend(NAN if v is None else v for v in saved_values)
+        flows = meta.get("gradflow") or {}
+        self.flows = [(int(e), GradFlow(h, x, loss)) for e, h, x, loss in
+                      zip(flows.get("epoch", []), flows.get("h", []), flows.get("x", []), flows.get("loss", []))]
         state = {}
         for key, value in list(optimizer_tensors.items()) + list(saved.get("optimizer_numbers", {}).items()):
             index, name = key.split(".", 1)
@@ -335,6 +357,29 @@ class Trainer:
         if self.corpus.val is None:
             return None
         return perplexity(self.model, self.corpus.val, self.config.batch_size, self.device)
+
+    def measure(self, forced: bool = False) -> tuple[float, GradFlow | None]:
+        """(sigma_max of W_hh, the gradient flow on the probe minibatch if one is due now): after an
+        epoch's training, outside its tokens_per_s. `forced`: probe whatever the cadence (a run's
+        first and last epochs, so every run has rows to draw). Neither touches the weights, their
+        gradients or any random state, so a run trains the same with or without probes."""
+        sigma = largest_singular_value(self.model, self.sigma_bases)
+        every = self.config.probe_every
+        if every == 0 or self.model.config.bidirectional:       # bidirectional: no h_t of the past alone
+            return sigma, None
+        due = forced or (self.epoch % every == 0 if every else
+                         self.train_seconds - self.probed_at >= self.probe_s / PROBE_SHARE)
+        if not due:
+            return sigma, None
+        t0 = time.perf_counter()
+        X, Y = probe_batch(self.corpus.train, self.config.batch_size, self.config.num_steps)
+        flow = gradient_flow(self.model, X, Y)
+        # a probe's work is the same every time, so the quickest is its cost: one slowed by a busy
+        # machine (or the first call's warm-up) would put off the next probes for no reason
+        seconds = time.perf_counter() - t0
+        self.probe_s = min(self.probe_s, seconds) if self.probe_s else seconds
+        self.probed_at = self.train_seconds
+        return sigma, flow
 
     def train_epoch(self, stop: threading.Event | None = None):
         """One pass over the training tokens; returns (loss_sum, tokens, grad norms) or None if stopped.
@@ -389,10 +434,14 @@ class Trainer:
     def _run(self, stop: threading.Event | None) -> Iterator[EpochStats]:
         cfg, t_start = self.config, time.perf_counter()
         if self.epoch == 0:
-            stats = EpochStats(0, None, self.val_perplexity(), None, None, None, None, 0.0, self.sample())
+            sigma, flow = self.measure(forced=True)
+            stats = EpochStats(0, None, self.val_perplexity(), None, None, None, None, 0.0, self.sample(),
+                               sigma_max=sigma, grad_flow=flow)
+            if flow is not None:
+                self.flows.append((0, flow))
             self.first = stats
             yield stats
-        last_epoch = self.epoch + cfg.epochs
+        first_epoch, last_epoch = self.epoch + 1, self.epoch + cfg.epochs
         while self.epoch < last_epoch:
             good = self._epoch_start()
             t0 = time.perf_counter()
@@ -417,13 +466,18 @@ class Trainer:
             self.train_tokens += tokens
             self.train_seconds += seconds
             norms = norms.float()
+            sigma, flow = self.measure(forced=self.epoch in (first_epoch, last_epoch))
             stats = EpochStats(
                 epoch=self.epoch, train_ppl=safe_exp(mean_loss), val_ppl=self.val_perplexity(),
                 tokens_per_s=tokens / seconds, grad_norm=float(norms.mean()), grad_norm_max=float(norms.max()),
                 clipped=float((norms > cfg.clip).float().mean()) if cfg.clip > 0 else 0.0,
                 elapsed_s=time.perf_counter() - t_start,
-                sample=self.sample() if self.epoch % cfg.sample_every == 0 or self.epoch == last_epoch else None)
+                sample=self.sample() if self.epoch % cfg.sample_every == 0 or self.epoch == last_epoch else None,
+                sigma_max=sigma, grad_flow=flow)
             self.last = stats
-            for c, v in (("epoch", stats.epoch), ("train_ppl", stats.train_ppl), ("val_ppl", stats.val_ppl)):
+            for c in self.history:
+                v = getattr(stats, c)
                 self.history[c].append(NAN if v is None else v)
+            if flow is not None:
+                self.flows.append((self.epoch, flow))
             yield stats
