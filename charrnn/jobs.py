@@ -24,10 +24,12 @@ from dataclasses import dataclass, field, replace
 from .errors import UserError
 from .checkpoint import Loaded, make_metadata, path_for_name, save_checkpoint
 from .data import Corpus
+from .gradflow import GradFlow
 from .ngram import corpus_ngram_perplexities
 from .train import EpochStats, TrainConfig, Trainer, TrainingDiverged
 
-COLUMNS = ("epoch", "train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "grad_norm_max", "clipped", "elapsed_s")
+COLUMNS = ("epoch", "train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "grad_norm_max", "clipped", "sigma_max",
+           "elapsed_s")
 NAN = float("nan")
 
 
@@ -46,6 +48,7 @@ class Snapshot:
     epoch: int                     # full epochs done
     columns: dict[str, list[float]]
     samples: list[tuple[int, str]]  # (epoch, text), oldest first
+    flows: list[tuple[int, GradFlow]]  # (epoch, the gradient flow through time on the probe minibatch)
     elapsed_s: float
     config: TrainConfig
     vocab_size: int
@@ -97,6 +100,7 @@ class Job:
                 self.columns[c].append(0.0 if c == "epoch" else NAN)
                 self.columns[c].extend(done[c] if c in done else [NAN] * len(done["epoch"]))
         self.samples: list[tuple[int, str]] = []
+        self.flows: list[tuple[int, GradFlow]] = list(self.trainer.flows)   # a continued run's past probes
         self.saved: list[str] = []
         self.ngram: dict[int, dict] | None = None
         self._lock = threading.Lock()
@@ -134,6 +138,8 @@ class Job:
                 self.columns[c].append(NAN if v is None else float(v))
             if stats.sample is not None:
                 self.samples.append((stats.epoch, stats.sample))
+            if stats.grad_flow is not None:
+                self.flows.append((stats.epoch, stats.grad_flow))
 
     def _work(self) -> None:
         try:
@@ -177,7 +183,7 @@ class Job:
             return Snapshot(
                 id=self.id, label=self.label, status=self.status, error=self.error,
                 epochs=self._target, epoch=self.trainer.epoch,
-                columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples),
+                columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples), flows=list(self.flows),
                 elapsed_s=end - self._started, config=self.config, vocab_size=len(self.corpus.vocab),
                 precision=self.trainer.precision, kernel=self.trainer.kernel.name, saved=list(self.saved),
                 ngram=self.ngram, graph_failed=self.trainer.graph_failed)
@@ -218,6 +224,8 @@ def cli_command(c: TrainConfig, corpus: str = "timemachine", preprocessing: str 
             "--kernel", c.kernel, "--threads", c.threads]
     if not c.cuda_graphs:
         args.append("--no-cuda-graphs")
+    if c.probe_every is not None:
+        args += ["--probe-every", str(c.probe_every)]
     return "python -m charrnn train " + shlex.join(str(a) for a in args)
 
 

@@ -23,6 +23,7 @@ from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
 from charrnn.train import KERNELS, MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig
 from pages.common import (corpus_for, number, one_of, read_link, registry, through_router, true_or_false, whole_number,
                           timemachine_problem, write_link)
+from pages import gradflow_view as gv
 from pages.live_plot import live_plot, preload_plotly
 
 through_router()
@@ -302,6 +303,30 @@ def fmt_time(seconds: float | None) -> str:
     return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min {s:02d} s" if m else f"{s} s"
 
 
+def flow_view(overlay: list[Snapshot]) -> None:
+    """Gradient flow through time for the first two runs on the chart, side by side on one colour
+    scale, and sigma_max(W_hh) per epoch for every run on it."""
+    probed = [s for s in overlay if s.flows][:2]
+    st.markdown("**Gradient flow through time** — on a fixed probe minibatch, how strongly the loss at "
+                "the last step reaches back to each earlier step; the table's selection picks the runs.")
+    if not probed:
+        st.caption("No probe yet: the first comes after the untrained model's point (a bidirectional "
+                   "model has none: its states see the future).")
+        return
+    which = st.radio("Gradient of the last step's loss ℓ_T with respect to", list(gv.QUANTITIES), horizontal=True,
+                     key="train_flow_of", format_func=lambda q: f"{gv.QUANTITIES[q][1]}, {gv.QUANTITIES[q][2]}",
+                     help="Bright at the right and dark at the left: the gradient vanishes going back in "
+                          "time; bright at the left: it explodes. σ_max(W_hh) below 1 makes the scratch "
+                          "RNN's gradient vanish; well above it, it can explode (clipping then bites).")
+    rows = [[(f.h_norms if which == "h" else f.x_norms) for _, f in s.flows] for s in probed]
+    z = gv.zrange(rows)
+    for i, (column, s, r) in enumerate(zip(st.columns(2), probed, rows)):
+        with column:
+            live_plot(gv.flow_figure([e for e, _ in s.flows], r, which, s.label, z), key=f"train_flow_{i}")
+    live_plot(gv.sigma_figure([(s.label, s.columns["epoch"], s.columns["sigma_max"]) for s in overlay]),
+              key="train_sigma")
+
+
 def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
     frac = snap.epoch / snap.epochs if snap.epochs else 0
     st.progress(min(frac, 1.0), text=f"{snap.label} — epoch {snap.epoch} / {snap.epochs} · "
@@ -322,6 +347,7 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
         rows = "".join(f"<div><code>{epoch:>5}</code> {html.escape(text)}</div>"
                        for epoch, text in reversed(snap.samples[-30:]))
         st.html(f"<div style='font-family:monospace;font-size:0.85em;max-height:230px;overflow-y:auto'>{rows}</div>")
+    flow_view(overlay)
     if snap.graph_failed:
         st.warning(f"The CUDA graph could not be recorded, so this run launches its ops one by one "
                    f"(slower, same numbers): {snap.graph_failed}")

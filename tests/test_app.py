@@ -393,3 +393,22 @@ def test_the_chart_draws_the_ngram_baselines(jobs):
         assert lines[f"{n}-gram (val)"]["y"] == [values["val"]] * 2 and lines[f"{n}-gram (val)"]["visible"] is True
         assert lines[f"{n}-gram (train)"]["y"] == [values["train"]] * 2
         assert lines[f"{n}-gram (train)"]["visible"] == "legendonly"
+
+
+def test_the_gradient_flow_through_time_is_drawn_for_two_runs(jobs):
+    first, second = ended_job(jobs, seed=1), ended_job(jobs, seed=2)
+    at = app("train")
+    maps = [f for f in live_charts(at) if f["data"] and f["data"][0]["type"] == "heatmap"]
+    assert [m["layout"]["title"]["text"] for m in maps] == [
+        f"Gradient ‖∂ℓ_T/∂h_t‖: {first.label}", f"Gradient ‖∂ℓ_T/∂h_t‖: {second.label}"]
+    for m, job in zip(maps, (first, second)):
+        flows = job.snapshot().flows
+        assert m["data"][0]["y"] == [str(e) for e, _ in flows] and m["data"][0]["customdata"] == [f.h_norms for _, f in flows]
+        assert len(m["data"][0]["x"]) == job.config.num_steps
+    assert maps[0]["data"][0]["zmin"] == maps[1]["data"][0]["zmin"]                   # one colour scale
+    at.radio(key="train_flow_of").set_value("x").run()
+    maps = [f for f in live_charts(at) if f["data"] and f["data"][0]["type"] == "heatmap"]
+    assert "‖∂ℓ_T/∂x_t‖" in maps[0]["layout"]["title"]["text"]
+    assert maps[0]["data"][0]["customdata"] == [f.x_norms for _, f in first.snapshot().flows]
+    (sigma,) = [f for f in live_charts(at) if f["layout"]["yaxis"]["title"]["text"] == "σ_max(W_hh)"]
+    assert [t["y"] for t in sigma["data"]] == [j.snapshot().columns["sigma_max"] for j in (first, second)]

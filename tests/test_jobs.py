@@ -138,7 +138,7 @@ def test_history_downloads_as_csv(registry, small_corpus):
     job = registry.start(TrainConfig(**SMALL, epochs=2), small_corpus)
     job.join(60)
     lines = job.snapshot().history_csv().splitlines()
-    assert lines[0] == "epoch,train_ppl,val_ppl,tokens_per_s,grad_norm,grad_norm_max,clipped,elapsed_s"
+    assert lines[0] == "epoch,train_ppl,val_ppl,tokens_per_s,grad_norm,grad_norm_max,clipped,sigma_max,elapsed_s"
     assert [line.split(",")[0] for line in lines[1:]] == ["0", "1", "2"]
     untrained, last = lines[1].split(","), lines[-1].split(",")
     assert untrained[1] == "" and float(untrained[2]) > 1          # epoch 0: no training loss, a validation one

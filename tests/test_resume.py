@@ -34,8 +34,12 @@ def test_three_then_two_is_five(ckpt_dir, small_text_file, sampling):
     b = safetensors.torch.load_file(ckpt_dir / "resumed.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)        # bit for bit
     history = read_metadata(ckpt_dir / "resumed.safetensors")["history"]
+    uninterrupted = read_metadata(ckpt_dir / "full.safetensors")["history"]
     assert history["epoch"] == [1, 2, 3, 4, 5]
-    assert history == read_metadata(ckpt_dir / "full.safetensors")["history"]
+    # sigma_max is estimated by an iteration warm-started from the epoch before (charrnn/gradflow.py):
+    # on the same weights, a resumed run starts it afresh, so it agrees to the estimate's accuracy
+    sigma, uninterrupted_sigma = history.pop("sigma_max"), uninterrupted.pop("sigma_max")
+    assert history == uninterrupted and sigma == pytest.approx(uninterrupted_sigma, rel=1e-3)
 
 
 def test_adam_state_carries_over(small_corpus, tmp_path):
