@@ -86,6 +86,7 @@ class Picked:
     preprocessing: str
     meta: dict | None
     checkpoint: str | None = None     # the saved checkpoint's name, when it is one
+    job: object = None                # the run of this session (charrnn.jobs.Job), when it is one
 
 
 def seed_vocab() -> Vocab:
@@ -143,7 +144,7 @@ def model_picker(key: str, wanted: str | None = None) -> Picked | None:
             return None
         return Picked(label, loaded.model, loaded.vocab, loaded.preprocessing, loaded.meta, Path(choice).stem)
     job = choice
-    return Picked(label, job.trainer.model, job.corpus.vocab, job.corpus.preprocessing, None)
+    return Picked(label, job.trainer.model, job.corpus.vocab, job.corpus.preprocessing, None, job=job)
 
 
 # -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ WINDOW = 120                               # characters per heatmap of a text
 MAX_UNITS_DRAWN = 64                       # hidden units in the heatmap, largest variance first
 MAX_PAGE_HIDDEN = 512                      # the demo model is built and run for the page: keep it quick
 TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity",
-        "Step through", "Hidden-state trajectory"]
+        "Step through", "Hidden-state trajectory", "Gradient flow"]
 # the worked example's widgets and their defaults (the shape trace reads them with its tab closed)
 EXAMPLE = {"inspect_batch": 2, "inspect_steps": 5, "inspect_kind": "scratch", "inspect_hidden": 512,
            "inspect_layers": 1, "inspect_bidir": False}
@@ -455,40 +455,53 @@ def perplexity() -> None:
 
 
 @st.cache_resource(max_entries=8, show_spinner="Counting n-grams…")
-def ngram_model(preprocessing: str, max_tokens: int, val_tokens: int):
-    """The 5-gram model (and every lower order) of The Time Machine's training slice of a run, and
-    its perplexities on that slice and on the held-out one (jobs.baselines: shared with Train)."""
+def ngram_model(_corpus, key: tuple):
+    """The 5-gram model (and every lower order) of a run's training tokens, and its perplexities on
+    them and on the held-out ones (jobs.baselines: shared with Train). `key` names the corpus."""
     from charrnn.jobs import baselines
     from charrnn.ngram import NGramModel
-    corpus = corpus_for("timemachine", preprocessing, max_tokens, None, val_tokens)
-    return NGramModel(5, len(corpus.vocab)).fit(corpus.train), baselines(corpus), corpus.sha1
+    return NGramModel(5, len(_corpus.vocab)).fit(_corpus.train), baselines(_corpus)
+
+
+def training_text(picked: Picked):
+    """(the Corpus the picked model trained on, None) or (None, why it cannot be had)."""
+    if picked.job is not None:
+        return picked.job.corpus, None
+    meta = picked.meta or {}
+    corpus, train = meta.get("corpus") or {}, meta.get("train") or {}
+    if not meta:
+        return None, "this model has not trained."
+    if corpus.get("name") != "timemachine" or "max_tokens" not in train:
+        return None, f"{corpus.get('name', 'an unknown text')} was an upload, which the app does not keep."
+    try:
+        loaded = corpus_for("timemachine", meta["preprocessing"], train["max_tokens"], None, corpus.get("val_tokens", 2000))
+    except UserError as e:
+        return None, str(e)
+    if loaded.sha1 != corpus.get("sha1"):
+        return None, "this copy of The Time Machine is not the one the model trained on."
+    return loaded, None
 
 
 def ngram_comparison(picked: Picked, reading) -> None:
     """The model beside character n-grams fitted on the same training tokens, on this text and on
     the run's own training and held-out text."""
     import pandas as pd
-    meta = picked.meta or {}
-    corpus, train = meta.get("corpus") or {}, meta.get("train") or {}
-    if corpus.get("name") != "timemachine" or "max_tokens" not in train:
-        st.caption("N-gram baselines need the text the model trained on: "
-                   + ("this model has not trained." if not meta else
-                      f"{corpus.get('name', 'an unknown text')} was an upload, which the app does not keep."))
+    corpus, why = training_text(picked)
+    if corpus is None:
+        st.caption(f"N-gram baselines need the text the model trained on: {why}")
         return
-    try:
-        model, on_run, sha1 = ngram_model(meta["preprocessing"], train["max_tokens"], corpus.get("val_tokens", 2000))
-    except UserError as e:
-        st.caption(f"No n-gram baselines: {e}")
-        return
-    if sha1 != corpus.get("sha1"):
-        st.caption("No n-gram baselines: this copy of The Time Machine is not the one the model trained on.")
-        return
+    key = (corpus.sha1, corpus.preprocessing, len(corpus.train), 0 if corpus.val is None else len(corpus.val))
+    model, on_run = ngram_model(corpus, key)
     here = model.perplexities(reading.ids)
-    metrics = meta.get("metrics") or {}
+    if picked.job is not None:
+        snap = picked.job.snapshot()
+        final = {"perplexity": snap.last("train_ppl"), "val_perplexity": snap.last("val_ppl")}
+    else:
+        final = (picked.meta or {}).get("metrics") or {}
     rows = [{"model": f"{n}-gram", "this text": here[n], "training text": on_run[n]["train"],
              "held-out text": on_run[n]["val"]} for n in sorted(on_run)]
-    rows.append({"model": picked.label, "this text": reading.perplexity, "training text": metrics.get("perplexity"),
-                 "held-out text": metrics.get("val_perplexity")})
+    rows.append({"model": picked.label, "this text": reading.perplexity, "training text": final.get("perplexity"),
+                 "held-out text": final.get("val_perplexity")})
     st.markdown("**Against n-gram baselines.** Character n-gram models (interpolated Kneser–Ney) fitted on "
                 "the same training tokens: an n-gram guesses from the n − 1 characters before, an RNN from "
                 "everything it has read. Perplexity, lower is better:")
@@ -833,6 +846,77 @@ def trajectory_section() -> None:
 
 
 # -----------------------------------------------------------------------------
+# gradient flow through time of a saved run
+
+@st.cache_data(max_entries=16, show_spinner="Probing the gradient flow…")
+def probe_now(_picked: Picked, key: tuple) -> tuple[list[float], list[float]] | None:
+    """The gradient flow of the picked model as it is, on the probe minibatch of the seed's text
+    (the book's batch 32, 35 steps): for models saved without per-epoch probes. `key` names it."""
+    from charrnn.gradflow import gradient_flow, probe_batch
+    corpus = corpus_for("timemachine", "seed", 10_000)
+    X, Y = probe_batch(corpus.train, 32, 35)
+    flow = gradient_flow(_picked.model, X, Y)
+    return flow.h_norms, flow.x_norms
+
+
+def run_flows(picked: Picked) -> tuple[list[int], list[list[float]], list[list[float]], list, list, str | None]:
+    """(epochs probed, their ||dl_T/dh_t|| rows, ||dl_T/dx_t|| rows, epochs, sigma_max per epoch, a
+    note): from the run of this session, the checkpoint's metadata, or probed now."""
+    if picked.job is not None:
+        snap = picked.job.snapshot()
+        flows = snap.flows
+        return ([e for e, _ in flows], [f.h_norms for _, f in flows], [f.x_norms for _, f in flows],
+                snap.columns["epoch"], snap.columns["sigma_max"], None)
+    meta = picked.meta or {}
+    saved, history = meta.get("gradflow") or {}, meta.get("history") or {}
+    sigmas = [math.nan if v is None else v for v in history.get("sigma_max") or []]
+    if saved.get("epoch"):
+        return saved["epoch"], saved["h"], saved["x"], history.get("epoch", []), sigmas, None
+    if picked.model.config.bidirectional:
+        return [], [], [], [], [], "A bidirectional model has no gradient flow through time: its states see the future."
+    from charrnn.gradflow import largest_singular_value
+    try:
+        h, x = probe_now(picked, (picked.label, picked.checkpoint, (picked.meta or {}).get("created")))
+    except UserError as e:
+        return [], [], [], [], [], f"No probe: {e}"
+    epochs = (meta.get("metrics") or {}).get("epochs") or 0
+    return ([epochs], [h], [x], [epochs], [largest_singular_value(picked.model)],
+            "This model was saved without per-epoch probes, so only its final state is shown, probed now "
+            "on the seed's text (batch 32, 35 steps).")
+
+
+def gradient_flow_section() -> None:
+    from pages import gradflow_view as gv
+    st.subheader("Gradient flow through time")
+    st.caption("Backpropagation through T steps multiplies T Jacobians, so the gradient reaching an early "
+               "step can vanish or explode. Each row is one probe of a fixed minibatch during training: "
+               "how strongly the loss at the last step ℓ_T reaches back to step t. Pick two models to "
+               "compare them on one colour scale (say nn.RNN and LSTM, or clipping on and off).")
+    which = st.radio("Gradient of ℓ_T with respect to", list(gv.QUANTITIES), horizontal=True, key="inspect_flow_of",
+                     format_func=lambda q: f"{gv.QUANTITIES[q][1]}, {gv.QUANTITIES[q][2]}")
+    columns = st.columns(2)
+    shown = []
+    for i, column in enumerate(columns):
+        with column:
+            picked = model_picker(f"inspect_flow_model_{i}")
+            if picked is None:
+                continue
+            epochs, h, x, sigma_epochs, sigmas, note = run_flows(picked)
+            if note:
+                st.caption(note)
+            if epochs:
+                shown.append((i, picked.label, epochs, h if which == "h" else x, sigma_epochs, sigmas))
+    z = gv.zrange([rows for _, _, _, rows, _, _ in shown])
+    for i, label, epochs, rows, _, _ in shown:
+        with columns[i]:
+            st.plotly_chart(gv.flow_figure(epochs, rows, which, label, z), key=f"inspect_flow_{i}",
+                            config={"displayModeBar": False})   # it would cover the title
+    series = [(label, e, s) for _, label, _, _, e, s in shown if len(e) > 1]
+    if series:
+        st.plotly_chart(gv.sigma_figure(series), key="inspect_sigma", config={"displaylogo": False})
+
+
+# -----------------------------------------------------------------------------
 # the page
 
 st.title("Inspect")
@@ -843,7 +927,8 @@ tabs = st.tabs(TABS, key="inspect_tab", on_change="rerun")
 vocab = seed_vocab()     # a quarter of a millisecond: the checkpoint's header only
 sections = [lambda: worked_example(vocab), lambda: shape_trace(vocab), concatenation, inside, perplexity,
             stepper,
-            trajectory_section]
+            trajectory_section,
+            gradient_flow_section]
 for tab, section in zip(tabs, sections):
     if tab.open:
         with tab:

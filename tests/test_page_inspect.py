@@ -13,6 +13,8 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from conftest import _find_book
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,7 +45,7 @@ def rerun(app):
 
 
 TABS = ["Worked example", "Shape trace", "Concatenation", "Inside a trained model", "Perplexity",
-        "Step through", "Hidden-state trajectory"]
+        "Step through", "Hidden-state trajectory", "Gradient flow"]
 
 
 def open_tab(app, label: str) -> str:
@@ -220,6 +222,7 @@ SECTIONS = {  # the subheader each section starts with, and its Plotly charts
     "Perplexity": ("Perplexity, explained by numbers", 0),
     "Step through": ("The scratch RNN, one step at a time", 2),
     "Hidden-state trajectory": ("Hidden-state trajectory", 1),
+    "Gradient flow": ("Gradient flow through time", 2),   # the shipped model twice, probed on the book
 }
 
 
@@ -229,6 +232,8 @@ def test_each_section_runs_alone(at, label):
     open_tab(at, label)
     headings = [h.value for h in at.subheader]
     heading, charts = SECTIONS[label]
+    if label == "Gradient flow" and _find_book() is None:
+        charts = 0                                     # the shipped model is probed on the book's text
     assert heading in headings
     assert not [h for other, (h, _) in SECTIONS.items() if other != label and h in headings]
     assert len(at.get("plotly_chart")) == charts
@@ -425,7 +430,8 @@ CHROMIUM = "/usr/bin/chromium"
 MARKS = {"Worked example": "One-hot encoding of a (batch, steps) batch", "Shape trace": "Every stage of one forward pass",
          "Concatenation": "Largest absolute difference", "Inside a trained model": "Hidden state over the text",
          "Perplexity": "Perplexity, explained by numbers", "Step through": "The scratch RNN, one step at a time",
-         "Hidden-state trajectory": "The two components explain"}   # a text each section alone shows
+         "Hidden-state trajectory": "The two components explain",
+         "Gradient flow": "Backpropagation through T steps multiplies"}   # a text each section alone shows
 CHARTS_DRAWN = """() => {
     const shown = [...document.querySelectorAll('[data-testid=stPlotlyChart]')].filter(e => e.offsetParent !== null);
     return shown.length > 0 && shown.every(e => e.querySelector('.main-svg'));
@@ -457,7 +463,7 @@ def test_tabs_in_a_browser(tmp_path):
             expect(page.get_by_text(MARKS[label])).to_be_visible()
             expect(page.get_by_text(MARKS[previous])).to_have_count(0)   # lazy: the closed tab is not drawn
             expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)
-            if SECTIONS[label][1]:
+            if SECTIONS[label][1] and (label != "Gradient flow" or _find_book() is not None):
                 page.wait_for_function(CHARTS_DRAWN)
             previous = label
         expect(page.get_by_test_id("stException")).to_have_count(0)
@@ -484,3 +490,30 @@ def test_perplexity_sets_the_model_beside_ngram_baselines(at, book):
     here = NGramModel(5, len(corpus.vocab)).fit(corpus.train).perplexities(reading_ids)
     assert list(table["this text"][:5]) == pytest.approx([here[n] for n in range(1, 6)])
     assert table["training text"][5] == pytest.approx(1.0463, abs=1e-3)     # the shipped model's own figure
+
+
+def test_gradient_flow_of_saved_runs_side_by_side(at, ckpt_dir, small_corpus):
+    """Two saved runs: their probes per epoch from the checkpoints, as heatmaps on one colour scale,
+    and sigma_max(W_hh) per epoch for both."""
+    from charrnn.checkpoint import read_metadata
+    from charrnn.jobs import JobRegistry
+    from charrnn.train import TrainConfig
+    registry, saved = JobRegistry(), {}
+    for kind in ("rnn", "lstm"):
+        job = registry.start(TrainConfig(model=kind, hidden_size=16, epochs=3, probe_every=1), small_corpus)
+        job.join(60)
+        saved[kind] = read_metadata(job.save(kind))
+    open_tab(at, "Gradient flow")
+    for i, kind in enumerate(("rnn", "lstm")):
+        at.selectbox(key=f"inspect_flow_model_{i}").set_value(f"{kind} — {kind}-16, 3 epochs")
+    rerun(at)
+    maps = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    heat = [m for m in maps if m["data"][0]["type"] == "heatmap"]
+    assert [m["layout"]["title"]["text"].split(": ", 1)[1] for m in heat] == ["rnn — rnn-16, 3 epochs", "lstm — lstm-16, 3 epochs"]
+    for m, kind in zip(heat, ("rnn", "lstm")):
+        assert "Gradient" in m["layout"]["title"]["text"]
+        assert m["data"][0]["y"] == [str(e) for e in saved[kind]["gradflow"]["epoch"]] == ["0", "1", "2", "3"]
+        assert m["data"][0]["customdata"] == saved[kind]["gradflow"]["h"]
+    assert heat[0]["data"][0]["zmin"] == heat[1]["data"][0]["zmin"]
+    (sigma,) = [m for m in maps if m["data"][0]["type"] == "scatter"]
+    assert [t["y"] for t in sigma["data"]] == [saved[k]["history"]["sigma_max"] for k in ("rnn", "lstm")]
