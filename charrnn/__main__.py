@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step matmuls while training: bf16 (CPU with AMX/AVX512-BF16), fp32, or auto: "
                         "bf16 where it runs, else fp32")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for the run (default 0: one per core)")
+    t.add_argument("--probe-every", type=int, default=None, metavar="N",
+                   help="measure the gradient flow through time every N epochs (0: never; default: as often "
+                        "as costs about 2%% of the training time)")
     t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a CUDA device, launch each op from Python instead of replaying a recorded graph")
     t.add_argument("--resume", metavar="CHECKPOINT",
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RESUMABLE = ("epochs", "lr", "clip", "device", "threads", "precision", "kernel")   # what --resume may change
+RESUMABLE = ("epochs", "lr", "clip", "device", "threads", "precision", "kernel", "probe_every")   # --resume may change
 NOT_SETTINGS = {"command", "argv", "defaults", "resume", "save", "overwrite", "json", "quiet",
                 "corpus"}   # the corpus is checked against the saved SHA-1 instead
 
@@ -132,7 +135,7 @@ def resume_changes(args, parser_defaults: dict) -> dict:
     if given:
         flags = ", ".join("--" + g.replace("_", "-") for g in given)
         raise UserError(f"--resume continues the saved run's settings, so {flags} cannot be given; "
-                        f"only {', '.join('--' + r for r in RESUMABLE)} may change.")
+                        f"only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)} may change.")
     return {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) != parser_defaults.get(k)}
 
 
@@ -144,7 +147,7 @@ def cmd_train(args) -> None:
         batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, epochs=args.epochs, clip=args.clip,
         sampling=args.sampling, max_tokens=args.max_tokens, optimizer=args.optimizer, seed=args.seed,
         device=args.device, kernel="reference" if args.reference else args.kernel, precision=args.precision,
-        threads=args.threads, cuda_graphs=args.cuda_graphs)
+        threads=args.threads, cuda_graphs=args.cuda_graphs, probe_every=args.probe_every)
     save_path = save_target(args)
     corpus = load_corpus(args.corpus, args.preprocessing, config.max_tokens, args.val_tokens)
     run_trainer(Trainer(config, corpus), args, save_path)
