@@ -83,7 +83,8 @@ def test_train_live_chart_stop_and_save(jobs, book):
         from charrnn.kernels import app_threads
         assert job.config.threads == at.number_input(key="train_threads").value == app_threads(default_threads())
     assert poll(at, lambda a: chart_points(a) >= 2), "the perplexity chart never grew"
-    assert len(live_charts(at)) == 2 and not at.get("plotly_chart")       # drawn in place, not by st.plotly_chart
+    # perplexity, gradient norm, gradient flow, sigma_max: drawn in place, not by st.plotly_chart
+    assert len(live_charts(at)) == 4 and not at.get("plotly_chart")
     assert any(m.label == "Tokens / s" for m in at.metric)
     # a second Start while one runs is refused (the button is disabled; a race gets JobBusy)
     assert at.button(key="start").disabled
@@ -182,7 +183,7 @@ def test_log_axes_label_their_ticks_in_full(jobs):
     the vocabulary size (the uniform guess) and θ among them, all inside the plotted range."""
     job = ended_job(jobs, seed=1)
     vocab, clip = job.snapshot().vocab_size, job.config.clip
-    ppl, grad = live_charts(app("train"))
+    ppl, grad = live_charts(app("train"))[:2]                  # then the gradient flow and sigma_max
     for figure, mark in [(ppl, vocab), (grad, clip)]:
         axis = figure["layout"]["yaxis"]
         assert axis["type"] == "log" and axis["tickmode"] == "array" and "dtick" not in axis
@@ -372,7 +373,7 @@ def test_the_runs_table_compares_runs_and_picks_the_chart(jobs):
     assert list(rows["run"]) == [first.label, second.label] and list(rows["seed"]) == [1, 2]
     assert list(rows["epochs"]) == [2, 2] and rows["train ppl"].notna().all() and rows["tokens/s"].gt(0).all()
     assert set(rows.columns) >= {"model", "hidden", "sampling", "lr", "clip θ", "val ppl", "kernel", "wall time (s)"}
-    names = lambda: {t["name"].split(" · ")[0] for t in live_charts(at)[0]["data"]}
+    names = lambda: {t["name"].split(" · ")[0] for t in live_charts(at)[0]["data"] if "-gram" not in t["name"]}
     assert names() == {first.id, second.id}                   # none selected: all
     at.session_state["train_runs"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
     at.run()

@@ -106,6 +106,9 @@ def test_train_start_watch_stop(page, server, book):
         timeout=60_000)
     page.wait_for_function(LIVE_POINTS + " >= 3", timeout=30_000)
     page.wait_for_function(CHARTS_DRAWN)
+    # the gradient flow through time: a heatmap painted, titled with the word "Gradient"
+    expect(page.locator(".charrnn-plot .hm image").first).to_be_attached(timeout=60_000)
+    expect(page.locator(".charrnn-plot .gtitle", has_text="Gradient").first).to_be_visible()
     shot(page, "train")
     progress = page.get_by_test_id("stProgress").inner_text()
     page.get_by_role("button", name="Stop").click()
@@ -216,13 +219,16 @@ def test_save_continue_and_compare(page, server, book):
     expect(page.get_by_text("· finished")).to_be_visible(timeout=60_000)
     table = page.get_by_test_id("stDataFrame")
     expect(table).to_be_visible()
-    legend = lambda: page.locator(".charrnn-plot").first.locator(".legendtext").evaluate_all(
-        "texts => texts.map(t => t.textContent)")
+    runs = lambda: [t for t in page.locator(".charrnn-plot").first.locator(".legendtext").evaluate_all(
+        "texts => texts.map(t => t.textContent)") if "-gram" not in t]     # not the n-gram baselines
     page.wait_for_function(CHARTS_DRAWN)
-    assert {t.split(" · ")[0] for t in legend()} == {"run1", f"{saved} (continued)"}    # none selected: all
-    box = table.bounding_box()               # the grid is a canvas: row 2's selection box, under the header
-    page.mouse.click(box["x"] + 18, box["y"] + 35 + 35 + 17)
-    page.wait_for_function("() => document.querySelectorAll('.charrnn-plot')[0]"
-                           "?.querySelectorAll('.legendtext').length === 2")
+    shown = {t.split(" · ")[0] for t in runs()}               # none selected: all (earlier tests' runs too)
+    assert f"{saved} (continued)" in shown and len(shown) >= 2
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)   # the rerun after the run's end is over
+    box = table.bounding_box()               # the grid is a canvas: the last row's selection box, under the header
+    page.mouse.click(box["x"] + 18, box["y"] + 35 + 35 * (len(shown) - 1) + 17)
+    page.wait_for_function("""() => [...document.querySelectorAll('.charrnn-plot')[0].querySelectorAll('.legendtext')]
+                              .filter(t => !t.textContent.includes('-gram')).length === 2""")
+    assert {t.split(" · ")[0] for t in runs()} == {f"{saved} (continued)"}
     shot(page, "train-compare")
     no_traceback(page)
