@@ -23,6 +23,11 @@ It runs the model's own weights in fp32 through the plain autograd path, step by
 kernel trains the model (a fused or bf16 kernel has no per-step h_t to differentiate), and leaves
 the model alone: weights, their .grad and train/eval mode are untouched (torch.autograd.grad with
 the h_t and x_t as inputs, never .backward()).
+
+Both run their CPU ops on one thread. They are many small ops (a (batch, h) step at a time), which
+a second thread speeds up little; and where another process holds one of the cores (the app's
+server and browser beside a run, another run), every op of a two-thread team waits for the
+descheduled thread, and a probe takes tens of times longer.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .device import cpu_threads
 from .errors import UserError
 
 
@@ -73,7 +79,8 @@ def gradient_flow(model, X: torch.Tensor, Y: torch.Tensor) -> GradFlow:
                         "layer reads the future, so no hidden state is formed by the past alone.")
     device = next(model.parameters()).device
     X, y_T = X.to(device), Y[:, -1].to(device)                   # only the last step's targets count
-    with torch.enable_grad():                                    # callers may hold no_grad (the app's pages)
+    # callers may hold no_grad (the app's pages)
+    with torch.enable_grad(), cpu_threads(1):
         x = F.one_hot(X.T, config.vocab_size).float().requires_grad_()  # (steps, batch, vocab), a leaf
         step, head, state = _stepper(model, X.shape[0], device)
         states = []
@@ -159,7 +166,7 @@ def largest_singular_value(model, bases: dict | None = None, tol: float = 1e-4) 
     else:
         matrices = {name: p for name, p in model.rnn.named_parameters() if name.startswith("weight_hh")}
     bases = {} if bases is None else bases
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads(1):
         return max(_sigma_max(W.detach().float(), bases, name, tol) for name, W in matrices.items())
 
 
