@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="CPU threads for the run (default 0: one per core)")
     t.add_argument("--probe-every", type=int, default=None, metavar="N",
                    help="measure the gradient flow through time every N epochs (0: never; default: as often "
-                        "as costs about 2%% of the training time)")
+                        "as costs about 1%% of the training time)")
     t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a CUDA device, launch each op from Python instead of replaying a recorded graph")
     t.add_argument("--resume", metavar="CHECKPOINT",

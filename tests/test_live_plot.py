@@ -51,5 +51,6 @@ def test_unwritable_static_folder_falls_back_to_st_plotly_chart(static, tmp_path
     at.run()
     at.button(key="start").click().run()
     assert poll(at, lambda a: not jobs.running() and chart_points(a) >= 2)
-    assert len(at.get("plotly_chart")) == 2 and not at.get("bidi_component")
+    # perplexity, gradient norm, gradient flow (one run), sigma_max
+    assert len(at.get("plotly_chart")) == 4 and not at.get("bidi_component")
     assert not at.exception and not at.error
