@@ -103,6 +103,7 @@ class Job:
         self.flows: list[tuple[int, GradFlow]] = list(self.trainer.flows)   # a continued run's past probes
         self.saved: list[str] = []
         self.ngram: dict[int, dict] | None = None
+        self._counted = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._started = time.perf_counter() - self.trainer.train_seconds
@@ -145,10 +146,10 @@ class Job:
         try:
             for stats in self.trainer.run(self._stop):
                 self._record(stats)
-                if self.ngram is None:   # after the first point, so the chart does not wait for it
+                if not self._counted:    # after the first point, so the chart does not wait for it
                     ngram = baselines(self.corpus)
                     with self._lock:
-                        self.ngram = ngram
+                        self.ngram, self._counted = ngram, True
             status, error = ("stopped" if self._stop.is_set() else "finished"), None
         except TrainingDiverged as e:
             status, error = "failed", str(e)
@@ -230,11 +231,17 @@ def cli_command(c: TrainConfig, corpus: str = "timemachine", preprocessing: str 
 
 
 _baselines: dict[tuple, dict[int, dict]] = {}
+# Counting runs in Python in the worker's thread: past a few million tokens (a large upload trained
+# whole) it would hold up the run and the server for minutes, so such runs go without baselines.
+MAX_NGRAM_TOKENS = 2_000_000
 
 
-def baselines(corpus: Corpus) -> dict[int, dict]:
+def baselines(corpus: Corpus) -> dict[int, dict] | None:
     """The n-gram baselines of a corpus's training and validation tokens, computed once per text
-    and split (runs on the same text share them; a few entries, each a few numbers)."""
+    and split (runs on the same text share them; a few entries, each a few numbers); None for a
+    training slice above MAX_NGRAM_TOKENS."""
+    if len(corpus.train) > MAX_NGRAM_TOKENS:
+        return None
     key = (corpus.sha1, corpus.preprocessing, len(corpus.train), 0 if corpus.val is None else len(corpus.val))
     if key not in _baselines:
         _baselines[key] = corpus_ngram_perplexities(corpus)

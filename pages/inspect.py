@@ -490,6 +490,11 @@ def ngram_comparison(picked: Picked, reading) -> None:
     if corpus is None:
         st.caption(f"N-gram baselines need the text the model trained on: {why}")
         return
+    from charrnn.jobs import MAX_NGRAM_TOKENS
+    if len(corpus.train) > MAX_NGRAM_TOKENS:
+        st.caption(f"No n-gram baselines: the model trained on {len(corpus.train):,} tokens, more than the "
+                   f"{MAX_NGRAM_TOKENS:,} the app counts n-grams over.")
+        return
     key = (corpus.sha1, corpus.preprocessing, len(corpus.train), 0 if corpus.val is None else len(corpus.val))
     model, on_run = ngram_model(corpus, key)
     here = model.perplexities(reading.ids)

@@ -206,3 +206,10 @@ def test_a_run_carries_the_ngram_baselines_of_its_text(registry, small_corpus):
     job.join(60)
     assert job.snapshot().ngram == corpus_ngram_perplexities(small_corpus)
     assert sorted(job.snapshot().ngram) == [1, 2, 3, 4, 5]
+
+
+def test_no_ngram_baselines_for_a_huge_training_slice(registry, small_corpus, monkeypatch):
+    monkeypatch.setattr(jobs_module, "MAX_NGRAM_TOKENS", len(small_corpus.train) - 1)
+    job = registry.start(TrainConfig(**SMALL, epochs=1), small_corpus)
+    job.join(60)
+    assert job.snapshot().status == "finished" and job.snapshot().ngram is None
