@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect, sync_playwright
 
 from bench.appserver import CHROMIUM_FLAGS, app_server
 
@@ -225,10 +225,20 @@ def test_save_continue_and_compare(page, server, book):
     shown = {t.split(" · ")[0] for t in runs()}               # none selected: all (earlier tests' runs too)
     assert f"{saved} (continued)" in shown and len(shown) >= 2
     expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)   # the rerun after the run's end is over
-    box = table.bounding_box()               # the grid is a canvas: the last row's selection box, under the header
-    page.mouse.click(box["x"] + 18, box["y"] + 35 + 35 * (len(shown) - 1) + 17)
-    page.wait_for_function("""() => [...document.querySelectorAll('.charrnn-plot')[0].querySelectorAll('.legendtext')]
-                              .filter(t => !t.textContent.includes('-gram')).length === 2""")
+    only_one = """() => [...document.querySelectorAll('.charrnn-plot')[0].querySelectorAll('.legendtext')]
+                     .filter(t => !t.textContent.includes('-gram')).length === 2"""
+    for attempt in range(3):                 # a click while the grid is still being laid out can be lost
+        table.scroll_into_view_if_needed()  # a mouse click lands only inside the viewport
+        box = table.bounding_box()           # the grid is a canvas: the last row's selection box, under the header
+        page.mouse.click(box["x"] + 18, box["y"] + 35 + 35 * (len(shown) - 1) + 17)
+        try:
+            page.wait_for_function(only_one, timeout=15_000)
+            break
+        except PlaywrightTimeout:
+            expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)
+            assert len(runs()) > 2, "the selection came late and a second click undid it"
+    else:
+        pytest.fail("selecting the row never limited the chart to it")
     assert {t.split(" · ")[0] for t in runs()} == {f"{saved} (continued)"}
     shot(page, "train-compare")
     no_traceback(page)
