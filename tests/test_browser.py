@@ -151,7 +151,7 @@ def settled(page, filename):
 
 def test_train_on_uploads_bad_and_good(page, server, tmp_path):
     open_page(page, server, "train")
-    page.get_by_text("Upload a .txt").click()
+    page.get_by_text("Upload a .txt", exact=True).click()
     dropzone = page.locator("[data-testid=stFileUploaderDropzoneInput]")
     binary = tmp_path / "image.txt"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" + bytes(range(256)) * 4)
