@@ -100,7 +100,6 @@ class Job:
                 self.columns[c].append(0.0 if c == "epoch" else NAN)
                 self.columns[c].extend(done[c] if c in done else [NAN] * len(done["epoch"]))
         self.samples: list[tuple[int, str]] = []
-        self.flows: list[tuple[int, GradFlow]] = list(self.trainer.flows)   # a continued run's past probes
         self.saved: list[str] = []
         self.ngram: dict[int, dict] | None = None
         self._counted = False
@@ -139,8 +138,6 @@ class Job:
                 self.columns[c].append(NAN if v is None else float(v))
             if stats.sample is not None:
                 self.samples.append((stats.epoch, stats.sample))
-            if stats.grad_flow is not None:
-                self.flows.append((stats.epoch, stats.grad_flow))
 
     def _work(self) -> None:
         try:
@@ -184,7 +181,8 @@ class Job:
             return Snapshot(
                 id=self.id, label=self.label, status=self.status, error=self.error,
                 epochs=self._target, epoch=self.trainer.epoch,
-                columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples), flows=list(self.flows),
+                columns={c: list(a) for c, a in self.columns.items()}, samples=list(self.samples),
+                flows=list(self.trainer.flows),   # appended by the worker before its epoch's stats (atomic)
                 elapsed_s=end - self._started, config=self.config, vocab_size=len(self.corpus.vocab),
                 precision=self.trainer.precision, kernel=self.trainer.kernel.name, saved=list(self.saved),
                 ngram=self.ngram, graph_failed=self.trainer.graph_failed)

@@ -359,8 +359,8 @@ class Trainer:
         return perplexity(self.model, self.corpus.val, self.config.batch_size, self.device)
 
     def measure(self, forced: bool = False) -> tuple[float, GradFlow | None]:
-        """(sigma_max of W_hh, the gradient flow on the probe minibatch if one is due now): after an
-        epoch's training, outside its tokens_per_s. `forced`: probe whatever the cadence (a run's
+        """(sigma_max of W_hh, the gradient flow on the probe minibatch if one is due now, also kept
+        in self.flows): after an epoch's training, outside its tokens_per_s. `forced`: probe whatever the cadence (a run's
         first and last epochs, so every run has rows to draw). Neither touches the weights, their
         gradients or any random state, so a run trains the same with or without probes."""
         sigma = largest_singular_value(self.model, self.sigma_bases)
@@ -377,6 +377,7 @@ class Trainer:
         # the last probe's time, not the quickest: on a busy machine a probe costs more, and the
         # next one waits the longer for it, so the share of the time holds there too
         self.probe_s, self.probed_at = time.perf_counter() - t0, self.train_seconds
+        self.flows.append((self.epoch, flow))
         return sigma, flow
 
     def train_epoch(self, stop: threading.Event | None = None):
@@ -435,8 +436,6 @@ class Trainer:
             sigma, flow = self.measure(forced=True)
             stats = EpochStats(0, None, self.val_perplexity(), None, None, None, None, 0.0, self.sample(),
                                sigma_max=sigma, grad_flow=flow)
-            if flow is not None:
-                self.flows.append((0, flow))
             self.first = stats
             yield stats
         first_epoch, last_epoch = self.epoch + 1, self.epoch + cfg.epochs
@@ -476,6 +475,4 @@ class Trainer:
             for c in self.history:
                 v = getattr(stats, c)
                 self.history[c].append(NAN if v is None else v)
-            if flow is not None:
-                self.flows.append((self.epoch, flow))
             yield stats
