@@ -323,8 +323,9 @@ def flow_view(overlay: list[Snapshot]) -> None:
     for i, (column, s, r) in enumerate(zip(st.columns(2), probed, rows)):
         with column:
             live_plot(gv.flow_figure([e for e, _ in s.flows], r, which, s.label, z), key=f"train_flow_{i}")
-    live_plot(gv.sigma_figure([(s.label, s.columns["epoch"], s.columns["sigma_max"]) for s in overlay]),
-              key="train_sigma")
+    if any(math.isfinite(v) for s in overlay for v in s.columns["sigma_max"]):   # a probe can come before its epoch's row
+        live_plot(gv.sigma_figure([(s.label, s.columns["epoch"], s.columns["sigma_max"]) for s in overlay]),
+                  key="train_sigma")
 
 
 def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
