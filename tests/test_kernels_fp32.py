@@ -271,6 +271,48 @@ def test_exact_under_competition(variant, h):
             p.wait()
 
 
+# K, h, n: K past one block of Q's rows (KC_TN) and not a multiple of it, an edge panel
+# narrower than the tile (n = 28, 250), h not a multiple of the tile's rows, K = 0
+@pytest.mark.parametrize("K,h,n", [(1120, 256, 256), (1121, 250, 28), (7, 5, 3), (0, 4, 9), (300, 33, 70)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemm_tn(variant, K, h, n, threads):
+    """P^T Q, the weight gradient's matmul, against float64, with P and Q read through row
+    strides (views into wider matrices)."""
+    k = _kernel_or_skip(variant)
+    g = torch.Generator().manual_seed(6)
+    P = torch.randn(K, h + 3, generator=g)[:, 1:h + 1]
+    Q = torch.randn(K, n + 5, generator=g)[:, :n]
+    C = k.gemm_tn(P, Q, threads)
+    _close(C, (P.double().t() @ Q.double()).float(), f"gemm_tn {K}x{h}x{n}")
+    assert torch.equal(k.gemm_tn(P, Q, 1), C)            # the same sums on any number of threads
+
+
+def test_gemm_tn_exact_under_competition(variant):
+    """A unit run twice (its thread lost its core, another helped) still writes C once."""
+    k = _kernel_or_skip(variant)
+    g = torch.Generator().manual_seed(7)
+    P, Q = torch.randn(1120, 250, generator=g), torch.randn(1120, 250, generator=g)
+    one = k.gemm_tn(P, Q, 1)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for rep in range(20):
+            assert torch.equal(k.gemm_tn(P, Q, 2 + rep % 2), one)
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()
+
+
+def test_gemm_tn_bad_arguments(variant):
+    k = _kernel_or_skip(variant)
+    with pytest.raises(ValueError):
+        k.gemm_tn(torch.zeros(3, 4), torch.zeros(2, 4))          # rows differ
+    with pytest.raises(ValueError):
+        k.gemm_tn(torch.zeros(3, 4).t(), torch.zeros(4, 3))      # P's rows not contiguous
+    with pytest.raises(ValueError):
+        k.gemm_tn(torch.zeros(3, 4).double(), torch.zeros(3, 4))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_team_after_fork(variant):
     """A forked child has none of the parent's team threads: it starts its own."""

@@ -96,6 +96,8 @@ class Kernel:
         lib.fp32_forward.argtypes = [i, i, i, p, p, p, p, l, l, i]
         lib.fp32_backward.argtypes = [i, i, i, p, p, p, p, p, l, l, i]
         lib.fp32_forward.restype = lib.fp32_backward.restype = i
+        lib.fp32_gemm_tn.argtypes = [i, i, i, p, l, p, l, p, l, i]
+        lib.fp32_gemm_tn.restype = i
         lib.fp32_tanh.argtypes, lib.fp32_tanh.restype = [p, l], None
         lib.fp32_helped.argtypes, lib.fp32_helped.restype = [], l
         lib.fp32_fma_peak.argtypes, lib.fp32_fma_peak.restype = [l], ctypes.c_double
@@ -182,6 +184,21 @@ class Kernel:
                                    self._threads(threads)) != 0:
             raise MemoryError("fp32 kernel: out of memory for the packed weights.")
         return dA, g0
+
+    def gemm_tn(self, P: torch.Tensor, Q: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """P^T Q (h, n) for P (K, h) and Q (K, n), float32 CPU tensors with contiguous rows, on
+        the team: the weight gradient of a whole sequence as one matmul."""
+        (K, h), n = P.shape, Q.shape[1]
+        for name, x in (("P", P), ("Q", Q)):
+            if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] != K
+                    or (x.shape[1] > 1 and x.stride(1) != 1) or x.shape[1] >= 2**31 or K >= 2**31):
+                raise ValueError(f"fp32 kernel gemm_tn: {name} must be a float32 CPU matrix with "
+                                 f"contiguous rows and {K} of them, not {x.dtype} {tuple(x.shape)}.")
+        C = P.new_empty(h, n)
+        if self._lib.fp32_gemm_tn(K, h, n, P.data_ptr(), P.stride(0), Q.data_ptr(), Q.stride(0),
+                                  C.data_ptr(), n, self._threads(threads)) != 0:
+            raise MemoryError("fp32 kernel: out of memory for the weight gradient.")
+        return C
 
 
 class GenerationLoop:
@@ -308,26 +325,35 @@ class TanhRNNFp32(torch.autograd.Function):
             A = (W_in + b).index_select(0, X.reshape(-1))
         else:
             A = torch.addmm(b, X.reshape(steps * batch, -1), W_in)  # (steps*batch, h)
-        H0c = H0.contiguous()
-        # out of place, so a step's unit may run on two threads (see fp32_tanh.c, wait_phase)
-        Hs = k.forward(A.view(steps, batch, h), H0c, W, threads, out=torch.empty(steps, batch, h))
-        ctx.save_for_backward(X, W_in, W, Hs, H0c)
+        # H_{-1} .. H_{steps-1} in one buffer: the weight gradient reads H_{t-1} for every t as
+        # one matrix. Hs is its tail, written out of place, so a step's unit may run on two
+        # threads (see fp32_tanh.c, wait_phase)
+        H = torch.empty(steps + 1, batch, h)
+        H[0].copy_(H0)
+        Hs = k.forward(A.view(steps, batch, h), H[0], W, threads, out=H[1:])
+        ctx.save_for_backward(X, W_in, W, H)
         ctx.kernel, ctx.threads = k, threads
         return Hs
 
     @staticmethod
     def backward(ctx, dHs):
-        X, W_in, W, Hs, H0 = ctx.saved_tensors
+        X, W_in, W, H = ctx.saved_tensors
+        Hs = H[1:]
         steps, batch, h = Hs.shape
         needs = ctx.needs_input_grad
         dX = dW_in = db = dW = None
-        dA, dH0 = ctx.kernel.backward(dHs.contiguous(), Hs, W, ctx.threads, dH0=needs[3])
+        k = ctx.kernel
+        dA, dH0 = k.backward(dHs.contiguous(), Hs, W, ctx.threads, dH0=needs[3])
         if needs[4]:                                   # sum_t H_{t-1}^T dA_t as one large matmul
-            Hp, dAn = Hs[:-1].reshape(-1, h), dA[1:].reshape(-1, h)
-            if W.stride(0) == 1 and h > 1:             # a transposed view (nn.RNN's W_hh.t()): give its
-                dW = torch.addmm(dA[0].t() @ H0, dAn.t(), Hp).t()  # gradient the same layout
+            Hp, dA2 = H[:-1].reshape(-1, h), dA.view(-1, h)
+            # a transposed view (nn.RNN's W_hh.t()) gets its gradient in the same layout, so
+            # autograd need not copy it into W_hh's. The vector builds' tiles run this matmul
+            # faster than a BLAS (docs/performance.md); the generic build's do not
+            transposed = W.stride(0) == 1 and h > 1
+            if k.vector_width >= 8:
+                dW = k.gemm_tn(dA2, Hp, ctx.threads).t() if transposed else k.gemm_tn(Hp, dA2, ctx.threads)
             else:
-                dW = torch.addmm(H0.t() @ dA[0], Hp.t(), dAn)
+                dW = (dA2.t() @ Hp).t() if transposed else Hp.t() @ dA2
         dA2 = dA.view(steps * batch, h)
         if X.dtype == torch.long:
             if needs[1]:   # rows of dA summed per token id

@@ -84,7 +84,7 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-enum { FWD = 0, BWD = 1, STO = 2 };
+enum { FWD = 0, BWD = 1, STO = 2, TN = 3, TNA = 4 };
 
 /* tanh, VL lanes at a time, within ~2 ulp (tests/test_kernels_fp32.py measures it):
      |x| < 0.625:  x + x^3 P(x^2), P a degree-5 fit of (tanh(x) - x) / x^3;
@@ -147,10 +147,14 @@ static void tanh_any(float *o, long n) {
    then, at out (row stride ld, nr valid columns):
      FWD: out = tanh(x1 + acc)                   (x1 may be out)
      BWD: out = (x1 + acc) * (1 - x2 * x2)        (x1, x2 with stride ld, like out)
-     STO: out = acc */
+     STO: out = acc
+     TN:  out = acc, where a is read transposed (a[p][r] at a + p*lda + r: k rows of m columns)
+          and the panel's rows are pst floats apart (NR readable in each)
+     TNA: out += acc, a and the panel as for TN */
 static inline __attribute__((always_inline)) void
 tile(const int m, const int kind, int k, const float *restrict a, long lda,
-     const float *restrict panel, float *restrict out, const float *x1, const float *x2, long ld, int nr)
+     const float *restrict panel, long pst, float *restrict out, const float *x1, const float *x2,
+     long ld, int nr)
 {
     vf acc[MR][NV];
     #pragma GCC unroll 8
@@ -161,10 +165,11 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
     for (int p = 0; p < k; p++) {
         vf b[NV];
         #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) b[v] = *(const vf *)(panel + (long)p * NR + v * VL);
+        for (int v = 0; v < NV; v++)
+            b[v] = kind >= TN ? loadu(panel + p * pst + v * VL) : *(const vf *)(panel + (long)p * NR + v * VL);
         #pragma GCC unroll 8
         for (int r = 0; r < m; r++) {
-            const float s = a[r * lda + p];
+            const float s = kind >= TN ? a[p * lda + r] : a[r * lda + p];
             #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) acc[r][v] += b[v] * s;
         }
@@ -181,6 +186,7 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
                     vf y = loadu(x2 + r * ld + v * VL);
                     x = (x + loadu(x1 + r * ld + v * VL)) * (1.0f - y * y);
                 }
+                if (kind == TNA) x += loadu(o + v * VL);
                 storeu(o + v * VL, x);
             }
         } else {
@@ -192,6 +198,7 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
             for (int j = 0; j < nr; j++) {
                 if (kind == FWD) t[j] += x1[r * ld + j];
                 if (kind == BWD) { float y = x2[r * ld + j]; t[j] = (x1[r * ld + j] + t[j]) * (1.0f - y * y); }
+                if (kind == TNA) t[j] += o[j];
             }
             if (kind == FWD) tanh_any(t, nr);
             for (int j = 0; j < nr; j++) o[j] = t[j];
@@ -200,12 +207,14 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
 }
 
 #define KINDS(M) case M: \
-    if (kind == FWD) tile(M, FWD, k, a, lda, panel, out, x1, x2, ld, nr); \
-    else if (kind == BWD) tile(M, BWD, k, a, lda, panel, out, x1, x2, ld, nr); \
-    else tile(M, STO, k, a, lda, panel, out, x1, x2, ld, nr); \
+    if (kind == FWD) tile(M, FWD, k, a, lda, panel, NR, out, x1, x2, ld, nr); \
+    else if (kind == BWD) tile(M, BWD, k, a, lda, panel, NR, out, x1, x2, ld, nr); \
+    else if (kind == TN) tile(M, TN, k, a, lda, panel, pst, out, x1, x2, ld, nr); \
+    else if (kind == TNA) tile(M, TNA, k, a, lda, panel, pst, out, x1, x2, ld, nr); \
+    else tile(M, STO, k, a, lda, panel, NR, out, x1, x2, ld, nr); \
     break;
 
-static void tile_any(int m, int kind, int k, const float *a, long lda, const float *panel,
+static void tile_any(int m, int kind, int k, const float *a, long lda, const float *panel, long pst,
                      float *out, const float *x1, const float *x2, long ld, int nr) {
     switch (m) {
     KINDS(1)
@@ -296,7 +305,7 @@ typedef struct {
 } claim_t;
 
 typedef struct {
-    int kind;                   /* FWD or BWD */
+    int kind;                   /* FWD, BWD or TN (a matmul P^T Q, one phase: see fp32_gemm_tn) */
     int steps, B, h, T, np, phases;
     const float *X;             /* FWD: (steps, B, h), x W_in + b */
     float *Hout;                /* FWD: (steps, B, h), H out; may be X (in place) */
@@ -304,7 +313,12 @@ typedef struct {
     const float *W; long sk, sj;/* M[k][j] = W[k*sk + j*sj]; BWD packs M^T */
     const float *dH, *H;        /* BWD: (steps, B, h) */
     float *dA, *dH0;            /* BWD: (steps, B, h) out; (B, h) out or NULL */
-    float *pack;                /* np panels of h x NR */
+    const float *P, *Q;         /* TN: (K, h) and (K, n), rows ldp and ldq floats apart */
+    float *C;                   /* TN: (h, n) out, rows ldc apart */
+    long ldp, ldq, ldc;
+    int K, n;
+    atomic_int failed;          /* TN: a unit ran out of memory */
+    float *pack;                /* FWD, BWD: np panels of h x NR */
     claim_t *claims;            /* phases x T */
     atomic_uchar *flags;        /* phases x np: unit done */
     int idempotent;             /* a unit may run twice (see wait_phase) */
@@ -336,9 +350,38 @@ static void pack_panel(const job_t *J, int p) {
     }
 }
 
+/* Unit p of TN: columns p*NR .. of C = P^T Q, every row, KC_TN rows of Q at a time: each block
+   of the panel's columns is copied (zero-padded past n) into a buffer that stays in L1 while
+   every row tile multiplies it, its sums added to the blocks' before. The sums build up in a
+   buffer of the unit's own and go to C at the end, so a unit that two threads run (wait_phase)
+   writes the same bits into C once each. Returns -1 when out of memory. */
+#define KC_TN (6144 / NR)
+static int tn_unit(const job_t *J, int p) {
+    const int c0 = p * NR, nr = J->n - c0 < NR ? J->n - c0 : NR, h = J->h;
+    float *panel = NULL, *sum = NULL;
+    if (posix_memalign((void **)&panel, 64, (size_t)KC_TN * NR * sizeof(float)) != 0) return -1;
+    if (posix_memalign((void **)&sum, 64, (size_t)h * NR * sizeof(float)) != 0) { free(panel); return -1; }
+    for (int k0 = 0; k0 < J->K || k0 == 0; k0 += KC_TN) {   /* K = 0: one empty block, C = 0 */
+        const int kc = J->K - k0 < KC_TN ? J->K - k0 : KC_TN;
+        for (int k = 0; k < kc; k++) {
+            const float *src = J->Q + (long)(k0 + k) * J->ldq + c0;
+            float *dst = panel + (long)k * NR;
+            for (int j = 0; j < NR; j++) dst[j] = j < nr ? src[j] : 0.0f;
+        }
+        for (int r0 = 0; r0 < h; r0 += MR)
+            tile_any(h - r0 < MR ? h - r0 : MR, k0 ? TNA : TN, kc, J->P + (long)k0 * J->ldp + r0, J->ldp,
+                     panel, NR, sum + (long)r0 * NR, NULL, NULL, NR, NR);
+    }
+    for (int r = 0; r < h; r++) memcpy(J->C + (long)r * J->ldc + c0, sum + (long)r * NR, nr * sizeof(float));
+    free(sum);
+    free(panel);
+    return 0;
+}
+
 /* Unit p (a panel) of phase ph: 0 packs; FWD 1 + t is step t; BWD 1 + i is step steps-1-i,
-   and phase steps + 1 is dH0 = dA[0] M^T. */
+   and phase steps + 1 is dH0 = dA[0] M^T. TN: one phase, its matmul. */
 static void run_unit(const job_t *J, int ph, int p) {
+    if (J->kind == TN) { if (tn_unit(J, p) != 0) atomic_store(&((job_t *)J)->failed, 1); return; }
     if (ph == 0) { pack_panel(J, p); return; }
     const int h = J->h, B = J->B, c0 = p * NR, nr = h - c0 < NR ? h - c0 : NR;
     const long n = (long)B * h;
@@ -348,7 +391,7 @@ static void run_unit(const job_t *J, int ph, int p) {
         const float *prev = t ? J->Hout + (t - 1) * n : J->H0;
         for (int r0 = 0; r0 < B; r0 += MR) {
             const long o = t * n + (long)r0 * h + c0;
-            tile_any(B - r0 < MR ? B - r0 : MR, FWD, h, prev + (long)r0 * h, h, panel,
+            tile_any(B - r0 < MR ? B - r0 : MR, FWD, h, prev + (long)r0 * h, h, panel, NR,
                      J->Hout + o, J->X + o, NULL, h, nr);
         }
     } else if (ph <= J->steps) {
@@ -358,12 +401,12 @@ static void run_unit(const job_t *J, int ph, int p) {
         float *out = J->dA + t * n;
         for (int r0 = 0; r0 < B; r0 += MR) {
             const long o = (long)r0 * h + c0;
-            tile_any(B - r0 < MR ? B - r0 : MR, BWD, k, next + (long)r0 * h, h, panel,
+            tile_any(B - r0 < MR ? B - r0 : MR, BWD, k, next + (long)r0 * h, h, panel, NR,
                      out + o, J->dH + t * n + o, J->H + t * n + o, h, nr);
         }
     } else {
         for (int r0 = 0; r0 < B; r0 += MR)
-            tile_any(B - r0 < MR ? B - r0 : MR, STO, h, J->dA + (long)r0 * h, h, panel,
+            tile_any(B - r0 < MR ? B - r0 : MR, STO, h, J->dA + (long)r0 * h, h, panel, NR,
                      J->dH0 + (long)r0 * h + c0, NULL, NULL, h, nr);
     }
 }
@@ -504,12 +547,12 @@ static int team_grow(int T) {
 /* Runs J on up to T threads; returns 0, or -1 when out of memory. */
 static int run(job_t *J, int T) {
     pthread_once(&once, init_once);
-    J->np = (J->h + NR - 1) / NR;
-    J->phases = 1 + J->steps + (J->kind == BWD && J->dH0 ? 1 : 0);
+    J->np = ((J->kind == TN ? J->n : J->h) + NR - 1) / NR;
+    J->phases = J->kind == TN ? 1 : 1 + J->steps + (J->kind == BWD && J->dH0 ? 1 : 0);
     if (T > J->np) T = J->np;
     if (T < 1) T = 1;
     void *pack = NULL;
-    if (posix_memalign(&pack, 64, (size_t)J->np * J->h * NR * sizeof(float)) != 0) return -1;
+    if (J->kind != TN && posix_memalign(&pack, 64, (size_t)J->np * J->h * NR * sizeof(float)) != 0) return -1;
     J->pack = pack;
     if (T > 1 && pthread_mutex_trylock(&team.lock) == 0) {
         T = team_grow(T);
@@ -600,6 +643,19 @@ int fp32_backward(int steps, int B, int h, const float *dH, const float *H, floa
     job_t J = { .kind = BWD, .steps = steps, .B = B, .h = h, .W = W, .sk = sk, .sj = sj,
                 .dH = dH, .H = H, .dA = dA, .dH0 = dH0, .idempotent = 1 };
     return run(&J, threads);
+}
+
+/* C (h, n) = P^T Q for P (K, h) and Q (K, n), rows ldp, ldq and ldc floats apart: the weight
+   gradient sum_t H_{t-1}^T dA_t of a whole sequence as one matmul on the team, each panel of C's
+   columns a unit (so a thread that lost its core is helped, as in the steps). Returns 0, or -1
+   when out of memory. */
+int fp32_gemm_tn(int K, int h, int n, const float *P, long ldp, const float *Q, long ldq,
+                 float *C, long ldc, int threads) {
+    if (h <= 0 || n <= 0) return 0;
+    job_t J = { .kind = TN, .K = K > 0 ? K : 0, .h = h, .n = n, .P = P, .Q = Q, .C = C,
+                .ldp = ldp, .ldq = ldq, .ldc = ldc, .idempotent = 1 };
+    if (run(&J, threads) != 0) return -1;
+    return atomic_load(&J.failed) ? -1 : 0;
 }
 
 /* ---- generation: batch 1, a step at a time, the whole loop in one call ----
