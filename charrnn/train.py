@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from . import kernels
 from .data import SAMPLERS, Corpus, check_batchable
-from .device import cpu_threads, resolve_device
+from .device import resolve_device
 from .generate import generate
 from .gradflow import GradFlow, gradient_flow, largest_singular_value, probe_batch
 from .models import DEFAULT_HIDDEN, ModelConfig, build_model, detach_state
@@ -424,7 +424,7 @@ class Trainer:
         it, so iterate it on one thread (a job's worker, the CLI's main thread).
         """
         try:
-            with cpu_threads(self.config.threads):   # this thread's ops only: the app's other threads keep theirs
+            with kernels.run_threads(self.kernel, self.config.threads):   # the app's other threads keep theirs
                 yield from self._run(stop)
         finally:
             if self.graph_step is not None:  # a finished job would keep the graph's memory

@@ -87,3 +87,32 @@ def test_threads_are_checked(small_corpus):
         TrainConfig(threads=-1)
     trainer = Trainer(TrainConfig(model="rnn", hidden_size=16, epochs=1, threads=1), small_corpus)
     assert [s.epoch for s in trainer.run()] == [0, 1]
+
+
+@needs_two
+def test_c_kernel_runs_its_team_on_the_runs_threads(small_corpus, monkeypatch):
+    """On a C fp32 kernel the loops' team takes the run's threads and torch's ops one (their
+    OpenMP threads would spin on the team's cores); other kernels give torch's ops the run's."""
+    from charrnn import kernels
+    from charrnn.kernels import fp32
+    name = next((n for n in kernels.C_FP32 if fp32.load(n)[0] is not None), None)
+    if name is None:
+        pytest.skip(f"no C fp32 kernel builds here: {fp32.load()[1]}")
+    seen = []
+    original = fp32.tanh_rnn_layer_fp32
+
+    def spy(*args, threads=None, **kw):
+        seen.append((threads, torch.get_num_threads()))
+        return original(*args, threads=threads, **kw)
+
+    monkeypatch.setattr(fp32, "tanh_rnn_layer_fp32", spy)
+    trainer = Trainer(TrainConfig(model="scratch", hidden_size=16, epochs=1, threads=2, kernel=name,
+                                  probe_every=0), small_corpus)
+    list(trainer.run())
+    assert seen and set(seen) == {(2, 1)}
+    torch_seen = []
+    trainer = Trainer(TrainConfig(model="scratch", hidden_size=16, epochs=1, threads=2, kernel="torch-fp32",
+                                  probe_every=0), small_corpus)
+    trainer.train_epoch = lambda stop=None, f=trainer.train_epoch: torch_seen.append(torch.get_num_threads()) or f(stop)
+    list(trainer.run())
+    assert torch_seen == [2]

@@ -24,13 +24,15 @@ evaluation and generation a model runs `kernel.inference`, the fastest fp32 kern
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..device import default_threads
+from ..device import cpu_threads, default_threads
 from ..errors import UserError
 from . import bf16, bf16gemm, fp32
 from .fused import cudnn_tanh_layer, tanh_rnn_layer
@@ -64,10 +66,36 @@ class Kernel:
 REFERENCE = Kernel("reference")
 
 
+_team = threading.local()        # .threads: the C loops' team for the calling thread's run (run_threads)
+
+
 def _c_fp32(name: str) -> Kernel:
-    # as many threads as torch's ops get on this thread: the run's count (cpu_threads) or the cores
+    # the run's team (run_threads), else as many threads as torch's ops get on this thread
     return Kernel(name, "fp32", lambda X, W_in, b, H0, W: fp32.tanh_rnn_layer_fp32(
-        X, W_in, b, H0, W, variant=name, threads=default_threads()))
+        X, W_in, b, H0, W, variant=name, threads=getattr(_team, "threads", 0) or default_threads()))
+
+
+@contextmanager
+def run_threads(kernel: Kernel, n: int):
+    """Inside, a run on `kernel` in the calling thread uses `n` CPU threads (0: one per core);
+    the process's other threads keep theirs.
+
+    A C fp32 kernel runs its step loops and its weight gradient on a team of n threads and every
+    torch op around them on one thread: after each parallel op, torch's OpenMP threads spin for
+    milliseconds waiting for the next one, on the very cores the team then needs, and the ops
+    left around the loops (output layer, loss, update) are small. Other kernels run torch's ops
+    on n threads."""
+    if kernel.name not in C_FP32:
+        with cpu_threads(n):
+            yield
+        return
+    before = getattr(_team, "threads", 0)
+    _team.threads = n or default_threads()
+    try:
+        with cpu_threads(1):
+            yield
+    finally:
+        _team.threads = before
 
 
 def _why_not(name: str, config, device: torch.device) -> str | None:
