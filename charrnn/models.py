@@ -103,8 +103,10 @@ class RNNScratch(nn.Module):
         return torch.stack(outputs), (H,)                        # (steps, batch, h)
 
     def head(self, Hs):
-        bf16 = self.kernel.for_mode(self.training).precision == "bf16"
-        return linear_head(Hs, self.W_hq, self.b_q, bf16)        # (steps*batch, vocab)
+        kernel = self.kernel.for_mode(self.training)
+        if kernel.head is not None:
+            return kernel.head(Hs, self.W_hq, self.b_q)          # (steps*batch, vocab)
+        return linear_head(Hs, self.W_hq, self.b_q)
 
     def forward(self, X, state):
         Hs, state = self.features(X, state)
@@ -158,8 +160,9 @@ class RNNModel(nn.Module):
         return inputs, torch.stack(finals)                        # state: (layers, batch, h)
 
     def head(self, Hs):
-        if self.kernel.for_mode(self.training).precision == "bf16":  # nn.Linear's weight is (vocab, h)
-            return linear_head(Hs, self.linear.weight.t(), self.linear.bias, True)
+        kernel = self.kernel.for_mode(self.training)
+        if kernel.head is not None:                               # nn.Linear's weight is (vocab, h)
+            return kernel.head(Hs, self.linear.weight.t(), self.linear.bias)
         return self.linear(Hs.reshape(-1, Hs.shape[-1]))          # (steps*batch, vocab)
 
     def forward(self, X, state):

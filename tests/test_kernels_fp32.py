@@ -313,6 +313,46 @@ def test_gemm_tn_bad_arguments(variant):
         k.gemm_tn(torch.zeros(3, 4).double(), torch.zeros(3, 4))
 
 
+# h, K, n: the output layer's shapes (a panel narrower than the tile), rows past one unit and
+# not a multiple of the tile's, K = 0
+@pytest.mark.parametrize("h,K,n", [(1120, 256, 28), (1121, 250, 28), (300, 28, 250), (5, 7, 1), (9, 0, 4)])
+@pytest.mark.parametrize("transposed", [False, True], ids=["M", "M^T view"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_matmul(variant, h, K, n, transposed, threads):
+    k = _kernel_or_skip(variant)
+    g = torch.Generator().manual_seed(8)
+    P = torch.randn(h, K + 2, generator=g)[:, 2:]
+    M = torch.randn(n, K, generator=g).t() if transposed else torch.randn(K, n, generator=g)
+    bias = torch.randn(n, generator=g)
+    want = P.double() @ M.double()
+    _close(k.matmul(P, M, None, threads), want.float(), "matmul")
+    C = k.matmul(P, M, bias, threads)
+    _close(C, (want + bias.double()).float(), "matmul + bias")
+    assert torch.equal(k.matmul(P, M, bias, 1), C)
+    with pytest.raises(ValueError):
+        k.matmul(P, M[:-1] if K else torch.zeros(1, n))               # K differs
+    with pytest.raises(ValueError):
+        k.matmul(P, M, torch.zeros(n + 1))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["W", "nn.Linear's weight.t()"])
+def test_linear_fp32_matches_torch(variant, transposed):
+    """The output layer on the team: the values and the three gradients of F.linear."""
+    k = _kernel_or_skip(variant)
+    g = torch.Generator().manual_seed(9)
+    H = torch.randn(35, 32, 200, generator=g).requires_grad_()
+    W = (torch.randn(28, 200, generator=g).t() if transposed else torch.randn(200, 28, generator=g)).requires_grad_()
+    b = torch.randn(28, generator=g).requires_grad_()
+    dY = torch.randn(35 * 32, 28, generator=g)
+    Y = fp32.linear_fp32(H, W, b, variant, 2)
+    got = (Y, *torch.autograd.grad(Y, (H, W, b), dY))
+    Yr = torch.nn.functional.linear(H.reshape(-1, 200), W.t(), b)
+    want = (Yr, *torch.autograd.grad(Yr, (H, W, b), dY))
+    for name, a, w in zip(("Y", "dH", "dW", "db"), got, want):
+        _close(a, w, name)
+    assert got[2].stride() == W.stride() or not transposed   # nn.Linear's weight: no copy needed
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_team_after_fork(variant):
     """A forked child has none of the parent's team threads: it starts its own."""

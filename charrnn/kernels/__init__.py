@@ -35,7 +35,7 @@ import torch
 from ..device import cpu_threads, default_threads
 from ..errors import UserError
 from . import bf16, bf16gemm, fp32
-from .fused import cudnn_tanh_layer, tanh_rnn_layer
+from .fused import cudnn_tanh_layer, linear_head, tanh_rnn_layer
 
 # best first, for the fused tanh RNNs on a CPU, by the measurements in docs/performance.md
 CPU_ORDER = ("amx-bf16", "avx512-fp32", "avx2-fp32", "mkl-bf16", "generic-fp32", "torch-fp32", "reference")
@@ -48,11 +48,15 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class Kernel:
     """One way to run a model's tanh layers. `layer(X, W_in, b, H0, W) -> Hs (steps, batch, h)`
     for the fused kernels (X: ids (steps, batch) or features (steps, batch, in); W_in (in, h);
-    W (h, h) used as H @ W); None for `reference` and for torch.nn's layer on a GPU."""
+    W (h, h) used as H @ W); None for `reference` and for torch.nn's layer on a GPU. `head`:
+    how the output layer runs with it (bf16 tiles, the C team), None: torch's linear."""
     name: str
     precision: str = "fp32"                      # the step matmuls while training
     layer: Callable | None = field(default=None, compare=False, repr=False)
     inference: Kernel | None = field(default=None, compare=False, repr=False)  # None: itself
+    # the output layer, head(Hs, W, b) -> (tokens, vocab) with W (h, vocab) (nn.Linear's weight.t());
+    # None: torch's linear
+    head: Callable | None = field(default=None, compare=False, repr=False)
 
     @property
     def fused(self) -> bool:
@@ -69,10 +73,15 @@ REFERENCE = Kernel("reference")
 _team = threading.local()        # .threads: the C loops' team for the calling thread's run (run_threads)
 
 
+def _team_size() -> int:
+    """The run's team (run_threads), else as many threads as torch's ops get on this thread."""
+    return getattr(_team, "threads", 0) or default_threads()
+
+
 def _c_fp32(name: str) -> Kernel:
-    # the run's team (run_threads), else as many threads as torch's ops get on this thread
-    return Kernel(name, "fp32", lambda X, W_in, b, H0, W: fp32.tanh_rnn_layer_fp32(
-        X, W_in, b, H0, W, variant=name, threads=getattr(_team, "threads", 0) or default_threads()))
+    return Kernel(name, "fp32",
+                  lambda X, W_in, b, H0, W: fp32.tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant=name, threads=_team_size()),
+                  head=lambda Hs, W, b: fp32.linear_fp32(Hs, W, b, variant=name, threads=_team_size()))
 
 
 @contextmanager
@@ -130,7 +139,7 @@ def _why_not(name: str, config, device: torch.device) -> str | None:
 def _kernel(name: str, kind: str, inference: Kernel | None) -> Kernel:
     if name in ("amx-bf16", "mkl-bf16"):
         return Kernel(name, "bf16", lambda X, W_in, b, H0, W: tanh_rnn_layer(X, W_in, b, H0, W, bf16=True),
-                      inference)
+                      inference, head=lambda Hs, W, b: linear_head(Hs, W, b, bf16=True))
     if name in C_FP32:
         return _c_fp32(name)
     if name == "torch-fp32":

@@ -5,16 +5,20 @@
     kernel, why = load("avx2-fp32")  # a given one (e.g. a lower one, to test it on a bigger CPU)
     kernel.forward(A, H0, W, threads, out)     # out[t] = tanh(A[t] + out[t-1] @ W), out[-1] = H0 (out=None: A)
     kernel.backward(dH, H, W, threads)         # (dA, dH0): dA[t] = (dH[t] + dA[t+1] @ W^T) * (1 - H[t]^2)
+    kernel.gemm_tn(P, Q, threads)              # P^T Q: the weight gradient of a whole sequence
+    kernel.matmul(P, M, bias, threads)         # P M + bias: the output layer's matmuls
     Hs = tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant=None, threads=None)   # an autograd op
+    Y = linear_fp32(Hs, W, b, variant=None, threads=None)                     # the output layer, one too
     loop = GenerationLoop(kernel, E, W, O, bo)  # batch-1 generation, greedy or sampled, in one C call
 
 `TanhRNNFp32` has the interface and the gradients of charrnn.kernels.fused.TanhRNNLayer with
 bf16=False: X holds token ids (steps, batch) or features (steps, batch, in), W is (h, h) used as H @ W, either
 row-major (the scratch model's W_hh) or a transposed view (nn.RNN's W_hh.t()): the kernel reads it
 through its strides and packs it once per call. The step loops run in C on a team of `threads`
-threads (default: the CPUs this process may use); the weight gradient sum_t H_{t-1}^T dA_t and
-W_in's and b's gradients are each one large torch op after the loop, as in TanhRNNLayer. Only
-float32 CPU tensors: a selector should send anything else to TanhRNNLayer.
+threads (default: the CPUs this process may use); the weight gradient sum_t H_{t-1}^T dA_t is
+one matmul on the same team (gemm_tn), W_in's and b's gradients one torch op each, as in
+TanhRNNLayer. LinearFp32 runs the output layer's three matmuls on the team too. Only float32
+CPU tensors: a selector should send anything else to TanhRNNLayer.
 
 Each variant is the same C file compiled with its own -march (x86-64-v4 with 512-bit vectors,
 x86-64-v3, or the compiler's default), built on first use (charrnn/kernels/build.py). Where a
@@ -96,6 +100,8 @@ class Kernel:
         lib.fp32_forward.argtypes = [i, i, i, p, p, p, p, l, l, i]
         lib.fp32_backward.argtypes = [i, i, i, p, p, p, p, p, l, l, i]
         lib.fp32_forward.restype = lib.fp32_backward.restype = i
+        lib.fp32_matmul.argtypes = [i, i, i, p, l, p, l, l, p, p, l, i]
+        lib.fp32_matmul.restype = i
         lib.fp32_gemm_tn.argtypes = [i, i, i, p, l, p, l, p, l, i]
         lib.fp32_gemm_tn.restype = i
         lib.fp32_tanh.argtypes, lib.fp32_tanh.restype = [p, l], None
@@ -185,19 +191,46 @@ class Kernel:
             raise MemoryError("fp32 kernel: out of memory for the packed weights.")
         return dA, g0
 
+    @staticmethod
+    def _rows(what: str, x: torch.Tensor, rows: int) -> None:
+        """x must be a float32 CPU matrix of `rows` rows, each contiguous."""
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] != rows
+                or (x.shape[1] > 1 and x.stride(1) != 1) or max(x.shape) >= 2**31):
+            raise ValueError(f"fp32 kernel {what} must be a float32 CPU matrix with contiguous rows "
+                             f"and {rows} of them, not {x.dtype} {tuple(x.shape)} on {x.device.type}.")
+
     def gemm_tn(self, P: torch.Tensor, Q: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """P^T Q (h, n) for P (K, h) and Q (K, n), float32 CPU tensors with contiguous rows, on
         the team: the weight gradient of a whole sequence as one matmul."""
-        (K, h), n = P.shape, Q.shape[1]
-        for name, x in (("P", P), ("Q", Q)):
-            if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] != K
-                    or (x.shape[1] > 1 and x.stride(1) != 1) or x.shape[1] >= 2**31 or K >= 2**31):
-                raise ValueError(f"fp32 kernel gemm_tn: {name} must be a float32 CPU matrix with "
-                                 f"contiguous rows and {K} of them, not {x.dtype} {tuple(x.shape)}.")
+        K = P.shape[0] if P.dim() == 2 else -1
+        self._rows("gemm_tn: P", P, K)
+        self._rows("gemm_tn: Q", Q, K)
+        h, n = P.shape[1], Q.shape[1]
         C = P.new_empty(h, n)
         if self._lib.fp32_gemm_tn(K, h, n, P.data_ptr(), P.stride(0), Q.data_ptr(), Q.stride(0),
                                   C.data_ptr(), n, self._threads(threads)) != 0:
             raise MemoryError("fp32 kernel: out of memory for the weight gradient.")
+        return C
+
+    def matmul(self, P: torch.Tensor, M: torch.Tensor, bias: torch.Tensor | None = None,
+               threads: int | None = None) -> torch.Tensor:
+        """P M (+ bias) (h, n) for P (h, K) with contiguous rows and M (K, n) read through its
+        strides (packed once), on the team: the output layer's matmuls."""
+        h = P.shape[0] if P.dim() == 2 else -1
+        self._rows("matmul: P", P, h)
+        K = P.shape[1]
+        if M.dtype != torch.float32 or M.device.type != "cpu" or M.dim() != 2 or M.shape[0] != K:
+            raise ValueError(f"fp32 kernel matmul: M must be a float32 CPU matrix with {K} rows, "
+                             f"not {M.dtype} {tuple(M.shape)} on {M.device.type}.")
+        n = M.shape[1]
+        if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"
+                                 or tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+            raise ValueError(f"fp32 kernel matmul: bias must be a contiguous float32 CPU vector of {n}.")
+        C = P.new_empty(h, n)
+        if self._lib.fp32_matmul(h, K, n, P.data_ptr(), P.stride(0), M.data_ptr(), M.stride(0), M.stride(1),
+                                 None if bias is None else bias.data_ptr(), C.data_ptr(), n,
+                                 self._threads(threads)) != 0:
+            raise MemoryError("fp32 kernel: out of memory for the packed matrix.")
         return C
 
 
@@ -370,3 +403,35 @@ class TanhRNNFp32(torch.autograd.Function):
 def tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant: str | None = None, threads: int | None = None):
     """All hidden states (steps, batch, h) of a tanh RNN layer; see TanhRNNFp32."""
     return TanhRNNFp32.apply(X, W_in, b, H0, W, variant, threads)
+
+
+class LinearFp32(torch.autograd.Function):
+    """The output layer Y = H W + b with its three matmuls on the C team: apply(H, W, b, variant,
+    threads) for H (tokens, h) with contiguous rows, W (h, vocab) row-major or a transposed view
+    (nn.Linear's weight.t()), b (vocab,). The same gradients as F.linear(H, W.t(), b)."""
+
+    @staticmethod
+    def forward(ctx, H, W, b, variant=None, threads=None):
+        k = kernel(variant)
+        ctx.save_for_backward(H, W)
+        ctx.kernel, ctx.threads = k, threads
+        return k.matmul(H, W, None if b is None else b.contiguous(), threads)
+
+    @staticmethod
+    def backward(ctx, dY):
+        H, W = ctx.saved_tensors
+        k, threads, needs = ctx.kernel, ctx.threads, ctx.needs_input_grad
+        dY = dY.contiguous()
+        dH = k.matmul(dY, W.t(), None, threads) if needs[0] else None
+        dW = db = None
+        if needs[1]:          # as (dY^T H)^T: vocab rows of C are one panel's work, h columns many panels'
+            dW = k.gemm_tn(dY, H, threads).t()
+        if needs[2]:
+            db = dY.sum(0)
+        return dH, dW, db, None, None
+
+
+def linear_fp32(Hs, W, b, variant: str | None = None, threads: int | None = None):
+    """Hs W + b (tokens, vocab) for Hs (..., h), the tokens flattened in order; see LinearFp32."""
+    H = Hs.reshape(-1, Hs.shape[-1])
+    return LinearFp32.apply(H if H.stride(-1) == 1 else H.contiguous(), W, b, variant, threads)

@@ -84,7 +84,8 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-enum { FWD = 0, BWD = 1, STO = 2, TN = 3, TNA = 4 };
+enum { FWD = 0, BWD = 1, STO = 2, TN = 3, TNA = 4, MMB = 5, MM = 6 };
+static void pack_matrix(float *dst, const float *W, int K, int N, long rs, long cs);
 
 /* tanh, VL lanes at a time, within ~2 ulp (tests/test_kernels_fp32.py measures it):
      |x| < 0.625:  x + x^3 P(x^2), P a degree-5 fit of (tanh(x) - x) / x^3;
@@ -150,7 +151,8 @@ static void tanh_any(float *o, long n) {
      STO: out = acc
      TN:  out = acc, where a is read transposed (a[p][r] at a + p*lda + r: k rows of m columns)
           and the panel's rows are pst floats apart (NR readable in each)
-     TNA: out += acc, a and the panel as for TN */
+     TNA: out += acc, a and the panel as for TN
+     MMB: out = acc + x1, x1 the same NR-column row for every row (a bias) */
 static inline __attribute__((always_inline)) void
 tile(const int m, const int kind, int k, const float *restrict a, long lda,
      const float *restrict panel, long pst, float *restrict out, const float *x1, const float *x2,
@@ -166,10 +168,10 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
         vf b[NV];
         #pragma GCC unroll 4
         for (int v = 0; v < NV; v++)
-            b[v] = kind >= TN ? loadu(panel + p * pst + v * VL) : *(const vf *)(panel + (long)p * NR + v * VL);
+            b[v] = kind == TN || kind == TNA ? loadu(panel + p * pst + v * VL) : *(const vf *)(panel + (long)p * NR + v * VL);
         #pragma GCC unroll 8
         for (int r = 0; r < m; r++) {
-            const float s = kind >= TN ? a[p * lda + r] : a[r * lda + p];
+            const float s = kind == TN || kind == TNA ? a[p * lda + r] : a[r * lda + p];
             #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) acc[r][v] += b[v] * s;
         }
@@ -187,6 +189,7 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
                     x = (x + loadu(x1 + r * ld + v * VL)) * (1.0f - y * y);
                 }
                 if (kind == TNA) x += loadu(o + v * VL);
+                if (kind == MMB) x += loadu(x1 + v * VL);
                 storeu(o + v * VL, x);
             }
         } else {
@@ -199,6 +202,7 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
                 if (kind == FWD) t[j] += x1[r * ld + j];
                 if (kind == BWD) { float y = x2[r * ld + j]; t[j] = (x1[r * ld + j] + t[j]) * (1.0f - y * y); }
                 if (kind == TNA) t[j] += o[j];
+                if (kind == MMB) t[j] += x1[j];
             }
             if (kind == FWD) tanh_any(t, nr);
             for (int j = 0; j < nr; j++) o[j] = t[j];
@@ -211,6 +215,7 @@ tile(const int m, const int kind, int k, const float *restrict a, long lda,
     else if (kind == BWD) tile(M, BWD, k, a, lda, panel, NR, out, x1, x2, ld, nr); \
     else if (kind == TN) tile(M, TN, k, a, lda, panel, pst, out, x1, x2, ld, nr); \
     else if (kind == TNA) tile(M, TNA, k, a, lda, panel, pst, out, x1, x2, ld, nr); \
+    else if (kind == MMB) tile(M, MMB, k, a, lda, panel, NR, out, x1, x2, ld, nr); \
     else tile(M, STO, k, a, lda, panel, NR, out, x1, x2, ld, nr); \
     break;
 
@@ -305,7 +310,7 @@ typedef struct {
 } claim_t;
 
 typedef struct {
-    int kind;                   /* FWD, BWD or TN (a matmul P^T Q, one phase: see fp32_gemm_tn) */
+    int kind;                   /* FWD, BWD, TN (P^T Q: fp32_gemm_tn) or MM (P M + bias: fp32_matmul) */
     int steps, B, h, T, np, phases;
     const float *X;             /* FWD: (steps, B, h), x W_in + b */
     float *Hout;                /* FWD: (steps, B, h), H out; may be X (in place) */
@@ -313,10 +318,11 @@ typedef struct {
     const float *W; long sk, sj;/* M[k][j] = W[k*sk + j*sj]; BWD packs M^T */
     const float *dH, *H;        /* BWD: (steps, B, h) */
     float *dA, *dH0;            /* BWD: (steps, B, h) out; (B, h) out or NULL */
-    const float *P, *Q;         /* TN: (K, h) and (K, n), rows ldp and ldq floats apart */
-    float *C;                   /* TN: (h, n) out, rows ldc apart */
+    const float *P, *Q;         /* TN: (K, h) and (K, n), rows ldp and ldq floats apart; MM: P (h, K) */
+    float *C;                   /* TN: (h, n) out, rows ldc apart; MM: (h, n) */
+    const float *bias;          /* MM: (n) or NULL */
     long ldp, ldq, ldc;
-    int K, n;
+    int K, n, npanels;          /* MM: units are (rows MM_ROWS at a time) x npanels panels of M */
     atomic_int failed;          /* TN: a unit ran out of memory */
     float *pack;                /* FWD, BWD: np panels of h x NR */
     claim_t *claims;            /* phases x T */
@@ -378,10 +384,26 @@ static int tn_unit(const job_t *J, int p) {
     return 0;
 }
 
+/* Unit u of MM: rows MM_ROWS * (u / npanels) .. of C = P M + bias, in the columns of panel
+   u % npanels (M packed by run, before the team starts). */
+#define MM_ROWS 128
+static void mm_unit(const job_t *J, int u) {
+    const int p = u % J->npanels, r1 = (u / J->npanels + 1) * MM_ROWS;
+    const int c0 = p * NR, nr = J->n - c0 < NR ? J->n - c0 : NR, rows = r1 < J->h ? r1 : J->h;
+    const float *panel = J->pack + (long)p * J->K * NR;
+    for (int r0 = r1 - MM_ROWS; r0 < rows; r0 += MR) {
+        float *out = J->C + (long)r0 * J->ldc + c0;
+        const int m = rows - r0 < MR ? rows - r0 : MR;
+        tile_any(m, J->bias ? MMB : STO, J->K, J->P + (long)r0 * J->ldp, J->ldp, panel, NR, out,
+                 J->bias ? J->bias + c0 : NULL, NULL, J->ldc, nr);
+    }
+}
+
 /* Unit p (a panel) of phase ph: 0 packs; FWD 1 + t is step t; BWD 1 + i is step steps-1-i,
-   and phase steps + 1 is dH0 = dA[0] M^T. TN: one phase, its matmul. */
+   and phase steps + 1 is dH0 = dA[0] M^T. TN and MM: one phase, their matmul. */
 static void run_unit(const job_t *J, int ph, int p) {
     if (J->kind == TN) { if (tn_unit(J, p) != 0) atomic_store(&((job_t *)J)->failed, 1); return; }
+    if (J->kind == MM) { mm_unit(J, p); return; }
     if (ph == 0) { pack_panel(J, p); return; }
     const int h = J->h, B = J->B, c0 = p * NR, nr = h - c0 < NR ? h - c0 : NR;
     const long n = (long)B * h;
@@ -547,12 +569,21 @@ static int team_grow(int T) {
 /* Runs J on up to T threads; returns 0, or -1 when out of memory. */
 static int run(job_t *J, int T) {
     pthread_once(&once, init_once);
-    J->np = ((J->kind == TN ? J->n : J->h) + NR - 1) / NR;
-    J->phases = J->kind == TN ? 1 : 1 + J->steps + (J->kind == BWD && J->dH0 ? 1 : 0);
+    void *pack = NULL;
+    if (J->kind == MM) {                    /* M is packed here, once, then the units multiply */
+        J->npanels = (J->n + NR - 1) / NR;
+        J->np = J->npanels * ((J->h + MM_ROWS - 1) / MM_ROWS);
+        if (posix_memalign(&pack, 64, (size_t)J->npanels * (J->K > 0 ? J->K : 1) * NR * sizeof(float)) != 0)
+            return -1;
+        pack_matrix(pack, J->W, J->K, J->n, J->sk, J->sj);
+    } else {
+        J->np = ((J->kind == TN ? J->n : J->h) + NR - 1) / NR;
+        if (J->kind != TN && posix_memalign(&pack, 64, (size_t)J->np * J->h * NR * sizeof(float)) != 0)
+            return -1;
+    }
+    J->phases = J->kind == TN || J->kind == MM ? 1 : 1 + J->steps + (J->kind == BWD && J->dH0 ? 1 : 0);
     if (T > J->np) T = J->np;
     if (T < 1) T = 1;
-    void *pack = NULL;
-    if (J->kind != TN && posix_memalign(&pack, 64, (size_t)J->np * J->h * NR * sizeof(float)) != 0) return -1;
     J->pack = pack;
     if (T > 1 && pthread_mutex_trylock(&team.lock) == 0) {
         T = team_grow(T);
@@ -656,6 +687,18 @@ int fp32_gemm_tn(int K, int h, int n, const float *P, long ldp, const float *Q, 
                 .ldp = ldp, .ldq = ldq, .ldc = ldc, .idempotent = 1 };
     if (run(&J, threads) != 0) return -1;
     return atomic_load(&J.failed) ? -1 : 0;
+}
+
+/* C (h, n) = P M + bias for P (h, K), rows ldp floats apart, and M (K, n) read through element
+   strides (M[k][j] = W[k*sk + j*sj]), packed once; bias (n) or NULL; C's rows ldc apart. The
+   output layer's matmuls on the team: rows MM_ROWS at a time times panels of columns are the
+   units. Returns 0, or -1 when out of memory. */
+int fp32_matmul(int h, int K, int n, const float *P, long ldp, const float *W, long sk, long sj,
+                const float *bias, float *C, long ldc, int threads) {
+    if (h <= 0 || n <= 0) return 0;
+    job_t J = { .kind = MM, .h = h, .K = K > 0 ? K : 0, .n = n, .P = P, .ldp = ldp, .W = W, .sk = sk,
+                .sj = sj, .bias = bias, .C = C, .ldc = ldc, .idempotent = 1 };
+    return run(&J, threads);
 }
 
 /* ---- generation: batch 1, a step at a time, the whole loop in one call ----
