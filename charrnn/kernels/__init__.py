@@ -57,6 +57,7 @@ class Kernel:
     # the output layer, head(Hs, W, b) -> (tokens, vocab) with W (h, vocab) (nn.Linear's weight.t());
     # None: torch's linear
     head: Callable | None = field(default=None, compare=False, repr=False)
+    team: bool = False       # runs a minibatch's large matmuls on the C team (see run_threads)
 
     @property
     def fused(self) -> bool:
@@ -79,9 +80,11 @@ def _team_size() -> int:
 
 
 def _c_fp32(name: str) -> Kernel:
+    team = fp32.kernel(name).owns_matmuls
     return Kernel(name, "fp32",
                   lambda X, W_in, b, H0, W: fp32.tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant=name, threads=_team_size()),
-                  head=lambda Hs, W, b: fp32.linear_fp32(Hs, W, b, variant=name, threads=_team_size()))
+                  head=(lambda Hs, W, b: fp32.linear_fp32(Hs, W, b, variant=name, threads=_team_size())) if team else None,
+                  team=team)
 
 
 @contextmanager
@@ -89,12 +92,12 @@ def run_threads(kernel: Kernel, n: int):
     """Inside, a run on `kernel` in the calling thread uses `n` CPU threads (0: one per core);
     the process's other threads keep theirs.
 
-    A C fp32 kernel runs its step loops and its weight gradient on a team of n threads and every
-    torch op around them on one thread: after each parallel op, torch's OpenMP threads spin for
-    milliseconds waiting for the next one, on the very cores the team then needs, and the ops
-    left around the loops (output layer, loss, update) are small. Other kernels run torch's ops
-    on n threads."""
-    if kernel.name not in C_FP32:
+    A kernel with a team (the C fp32 builds with vectors) runs its step loops and every large
+    matmul of a minibatch on a team of n threads and the torch ops around them on one thread:
+    after each parallel op, torch's OpenMP threads spin for milliseconds waiting for the next
+    one, on the very cores the team then needs, and the ops left (lookups, loss, update) are
+    small. Other kernels run torch's ops on n threads."""
+    if not kernel.team:
         with cpu_threads(n):
             yield
         return

@@ -117,6 +117,9 @@ class Kernel:
         self.vector_width = lib.fp32_vector_width()     # floats per vector register
         self.panel_width = lib.fp32_panel_width()       # NR: columns per packed panel
         self.tile_rows = lib.fp32_tile_rows()           # MR: rows per micro-tile
+        # whether its tiles run a minibatch's large matmuls (weight gradient, output layer) faster
+        # than a BLAS does (docs/performance.md): the vector builds' do, the generic build's do not
+        self.owns_matmuls = self.vector_width >= 8
 
     def __repr__(self) -> str:
         return f"Kernel({self.name}, {self.tile_rows}x{self.panel_width} tiles)"
@@ -380,10 +383,9 @@ class TanhRNNFp32(torch.autograd.Function):
         if needs[4]:                                   # sum_t H_{t-1}^T dA_t as one large matmul
             Hp, dA2 = H[:-1].reshape(-1, h), dA.view(-1, h)
             # a transposed view (nn.RNN's W_hh.t()) gets its gradient in the same layout, so
-            # autograd need not copy it into W_hh's. The vector builds' tiles run this matmul
-            # faster than a BLAS (docs/performance.md); the generic build's do not
+            # autograd need not copy it into W_hh's
             transposed = W.stride(0) == 1 and h > 1
-            if k.vector_width >= 8:
+            if k.owns_matmuls:
                 dW = k.gemm_tn(dA2, Hp, ctx.threads).t() if transposed else k.gemm_tn(Hp, dA2, ctx.threads)
             else:
                 dW = (dA2.t() @ Hp).t() if transposed else Hp.t() @ dA2
