@@ -58,7 +58,7 @@ def app_run(browser, url: str, epochs: int, name: str, run: int, closed: bool) -
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{url}/train")
     page.wait_for_selector("[data-testid=stApp]")
-    box = page.get_by_role("spinbutton", name="Epochs")
+    box = page.get_by_role("spinbutton", name="Epochs", exact=True)
     box.fill(str(epochs))
     box.press("Enter")
     expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)

@@ -131,7 +131,7 @@ def train_visit(browser, url: str, epochs: int) -> float:
     try:
         page.goto(f"{url}/train")
         script_idle(page)
-        epochs_box = page.get_by_role("spinbutton", name="Epochs")
+        epochs_box = page.get_by_role("spinbutton", name="Epochs", exact=True)
         epochs_box.fill(str(epochs))
         epochs_box.press("Enter")
         time.sleep(0.3)

@@ -49,7 +49,7 @@ def main():
             page.wait_for_selector("[data-testid=stApp]")
             page.wait_for_timeout(2000)
             sample("page open, no job")
-            box = page.get_by_role("spinbutton", name="Epochs")
+            box = page.get_by_role("spinbutton", name="Epochs", exact=True)
             box.fill("100000")
             box.press("Enter")
             page.wait_for_timeout(500)
