@@ -80,7 +80,7 @@ def _team_size() -> int:
 
 
 def _c_fp32(name: str) -> Kernel:
-    team = fp32.kernel(name).owns_matmuls
+    team = name in fp32.VECTOR_BUILDS
     return Kernel(name, "fp32",
                   lambda X, W_in, b, H0, W: fp32.tanh_rnn_layer_fp32(X, W_in, b, H0, W, variant=name, threads=_team_size()),
                   head=(lambda Hs, W, b: fp32.linear_fp32(Hs, W, b, variant=name, threads=_team_size())) if team else None,

@@ -47,6 +47,9 @@ VARIANTS = {
 }
 # no -ffast-math: the C file has its own vector tanh, and NaN must pass through it
 COMPILE = ["-O3", "-fPIC"]
+# the builds whose tiles run a minibatch's large matmuls (weight gradient, output layer) faster
+# than a BLAS does (docs/performance.md); the generic build's tiles do not
+VECTOR_BUILDS = ("avx512-fp32", "avx2-fp32")
 LIBS = ["-lm", "-lpthread"]
 
 
@@ -117,9 +120,7 @@ class Kernel:
         self.vector_width = lib.fp32_vector_width()     # floats per vector register
         self.panel_width = lib.fp32_panel_width()       # NR: columns per packed panel
         self.tile_rows = lib.fp32_tile_rows()           # MR: rows per micro-tile
-        # whether its tiles run a minibatch's large matmuls (weight gradient, output layer) faster
-        # than a BLAS does (docs/performance.md): the vector builds' do, the generic build's do not
-        self.owns_matmuls = self.vector_width >= 8
+        self.owns_matmuls = name in VECTOR_BUILDS
 
     def __repr__(self) -> str:
         return f"Kernel({self.name}, {self.tile_rows}x{self.panel_width} tiles)"
