@@ -10,9 +10,10 @@ checkpoint loader and build_model set it from select(). The names:
 
     reference     the book's loop over one-hot inputs (scratch), torch.nn's own layer (rnn, gru, lstm)
     torch-fp32    the fused layer: one autograd op, a torch matmul per step (fused.py)
-    avx512-fp32   the C loops of fp32_tanh.c on a team of threads, AVX-512 (fp32.py)
-    avx2-fp32     the same C loops built for AVX2 + FMA
-    generic-fp32  the same C loops, built for any CPU (the compiler's default vectors)
+    avx512-fp32   the C loops of fp32_tanh.c on a team of threads, AVX-512 (fp32.py); the team
+                  also runs the weight gradient and the output layer (run_threads)
+    avx2-fp32     the same, built for AVX2 + FMA
+    generic-fp32  the same C loops, built for any CPU (the compiler's default vectors); torch's matmuls
     amx-bf16      the bf16 loops of bf16_tanh.c, step matmuls on AMX tiles (bf16.py)
     mkl-bf16      the bf16 loops with MKL's bf16 matmul (CPUs with AVX512-BF16 but no AMX)
     cudnn         on a GPU: cuDNN's RNN (for scratch, on the model's own weights)
