@@ -107,10 +107,12 @@ def _untrained() -> Picked:
     return Picked(UNTRAINED, model, vocab, "seed", None)
 
 
-def model_picker(key: str, wanted: str | None = None) -> Picked | None:
+def model_picker(key: str, wanted: str | None = None, nth: int = 0) -> Picked | None:
     """A selectbox over saved checkpoints (the shipped default first), this session's ended runs,
     and an untrained model. Returns the picked model, or None (with a message) if it cannot load.
-    `wanted`: a checkpoint's name to select, once (a link's), with a warning if there is none."""
+    `wanted`: a checkpoint's name to select, once (a link's), with a warning if there is none.
+    `nth`: the option shown first (0: the shipped default; past the end: the untrained model), so
+    that pickers side by side start on different models."""
     entries = list_checkpoints()
     readable = [e for e in entries if "error" not in e]
     readable.sort(key=lambda e: e["name"] != DEFAULT_NAME)
@@ -127,7 +129,7 @@ def model_picker(key: str, wanted: str | None = None) -> Picked | None:
             st.warning(f"The link's checkpoint={wanted} is not in checkpoints/: the default model is picked.")
         else:
             st.session_state[key] = match
-    label = st.selectbox("Model", list(options), key=key, persist_state="session",
+    label = st.selectbox("Model", list(options), index=min(nth, len(options) - 1), key=key, persist_state="session",
                          help="Saved checkpoints in checkpoints/, the runs trained in this app, "
                               "or a model before any training.")
     broken = [e for e in entries if "error" in e]

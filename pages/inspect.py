@@ -903,7 +903,7 @@ def gradient_flow_section() -> None:
     shown = []
     for i, column in enumerate(columns):
         with column:
-            picked = model_picker(f"inspect_flow_model_{i}")
+            picked = model_picker(f"inspect_flow_model_{i}", nth=i)   # two different models to start with
             if picked is None:
                 continue
             epochs, h, x, sigma_epochs, sigmas, note = run_flows(picked)

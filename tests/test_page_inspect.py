@@ -492,6 +492,15 @@ def test_perplexity_sets_the_model_beside_ngram_baselines(at, book):
     assert table["training text"][5] == pytest.approx(1.0463, abs=1e-3)     # the shipped model's own figure
 
 
+def test_gradient_flow_pickers_start_on_different_models(at, ckpt_dir):
+    """Side by side, the second picker starts on the next model in the list (here: the shipped
+    model against an untrained one), not on the same one twice."""
+    open_tab(at, "Gradient flow")
+    first, second = (at.selectbox(key=f"inspect_flow_model_{i}").value for i in range(2))
+    assert first.startswith("default") and first != second
+    assert second == at.selectbox(key="inspect_flow_model_1").options[1]
+
+
 def test_gradient_flow_of_saved_runs_side_by_side(at, ckpt_dir, small_corpus):
     """Two saved runs: their probes per epoch from the checkpoints, as heatmaps on one colour scale,
     and sigma_max(W_hh) per epoch for both."""
