@@ -41,6 +41,25 @@ jobs = registry()
 # -----------------------------------------------------------------------------
 # settings
 
+# gradient-flow probes: "auto" (TrainConfig.probe_every None: by time, about 1% of it), 0 off, or
+# every N epochs. Not None itself: a selectbox offers to clear a None option
+PROBE_CHOICES = ("auto", 0, 1, 2, 5, 10, 25, 50, 100)
+
+
+def probe_choice(text: str) -> str | int:
+    if text == "auto":
+        return text
+    value = whole_number(0, MAX_EPOCHS)(text)
+    if value not in PROBE_CHOICES:
+        raise ValueError(f"one of {', '.join(map(str, PROBE_CHOICES))}")
+    return value
+
+
+def probe_label(every: str | int) -> str:
+    return ("auto (about 1% of the training time)" if every == "auto" else "off" if every == 0
+            else "every epoch" if every == 1 else f"every {every} epochs")
+
+
 # the settings a link carries: the query key (the CLI's flag, '-' as '_') -> (widget key, parser)
 LINK = {
     "model": ("train_model", one_of(KINDS)),
@@ -58,11 +77,12 @@ LINK = {
     "seed": ("train_seed", whole_number(0, 2**31 - 1)),
     "precision": ("train_precision", one_of(PRECISIONS)),
     "kernel": ("train_kernel", one_of(KERNELS)),
+    "probe_every": ("train_probe_every", probe_choice),
 }
 SETTING_OF = {"model": "model", "hidden": "hidden_size", "layers": "num_layers", "bidirectional": "bidirectional",
               "batch_size": "batch_size", "num_steps": "num_steps", "lr": "lr", "optimizer": "optimizer",
               "epochs": "epochs", "clip": "clip", "sampling": "sampling", "max_tokens": "max_tokens",
-              "seed": "seed", "precision": "precision", "kernel": "kernel"}
+              "seed": "seed", "precision": "precision", "kernel": "kernel", "probe_every": "probe_every"}
 
 
 def settings_to_link(s: dict) -> None:
@@ -104,6 +124,13 @@ def settings_ui() -> dict:
         s["max_tokens"] = st.number_input("Max tokens", 0, 10_000_000, 10_000, step=1000, key="train_max_tokens", persist_state="session",
                                           help="Training tokens from the start of the text (0: all). "
                                                "The next 2,000 are held out for validation.")
+        s["probe_every"] = st.selectbox("Gradient probes", PROBE_CHOICES, format_func=probe_label,
+                                        key="train_probe_every", persist_state="session",
+                                        help="How often the gradient flow through time is measured for the "
+                                             "heatmaps below (always at a run's first and last epoch). auto "
+                                             "keeps it near 1% of the training time; a fast run then has few rows.")
+        if s["probe_every"] == "auto":
+            s["probe_every"] = None
     with c4:
         s["optimizer"] = st.selectbox("Optimizer", ["sgd", "adam"], key="train_optimizer", persist_state="session",
                                       format_func=str.upper, help="SGD as the seed; Adam wants lr ≈ 0.002.")

@@ -296,6 +296,33 @@ def test_the_train_settings_travel_in_the_link(jobs):
     assert "--model rnn --hidden 64" in command and "--epochs 9" in command and "--sampling random" in command
 
 
+def test_gradient_probes_are_a_setting(jobs):
+    """How often a run probes the gradient flow: from the link (a value not offered is one
+    warning), into the run's config, the command line and the link."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("pages/train.py")
+    at.query_params["probe_every"] = "7"
+    at.run()
+    assert at.selectbox(key="train_probe_every").value == "auto"                       # the default
+    (warning,) = [w.value for w in at.warning if "link" in w.value]
+    assert "probe_every=7" in warning
+    at.selectbox(key="train_model").set_value("rnn").run()
+    at.number_input(key="train_hidden_rnn").set_value(16)
+    at.number_input(key="train_epochs").set_value(4)
+    at.selectbox(key="train_probe_every").set_value(2).run()
+    assert at.query_params["probe_every"] == "2"
+    command = next(c.value for c in at.code if c.value.startswith("python -m charrnn train"))
+    assert "--probe-every 2" in command
+    at.button(key="start").click().run()
+    job = jobs.jobs()[-1]
+    job.join(60)
+    assert job.trainer.config.probe_every == 2
+    assert [epoch for epoch, _ in job.trainer.flows] == [0, 1, 2, 4]    # every 2, and the first and last
+    at.selectbox(key="train_probe_every").set_value(0).run()
+    assert at.query_params["probe_every"] == "0"
+
+
 def test_continue_goes_on_with_the_same_run(jobs):
     job = ended_job(jobs, seed=1)
     before = job.trainer.epoch
