@@ -388,9 +388,13 @@ def continue_saved(running, source, settings: dict) -> None:
     history, on this page's device and threads; every other setting is the saved run's."""
     entries = [e for e in list_checkpoints() if "error" not in e]
     resumable = [e for e in entries if e["resumable"]]
-    said = st.session_state.pop("continue_said", None)
+    said = st.session_state.get("continue_said")
     if said:
         (st.success if said[0] == "success" else st.error)(said[1])
+        # said again until the continued run has ended: its end redraws the page, which would
+        # otherwise take the message away before a short run's reader saw it
+        if not (said[0] == "success" and running is not None and running.id == said[2]):
+            del st.session_state["continue_said"]
     if not resumable:
         older = [e["name"] for e in entries if not e["resumable"]]
         st.caption("No saved checkpoint can be continued yet: save a run below, and it appears here."
@@ -422,12 +426,12 @@ def continue_saved(running, source, settings: dict) -> None:
         job, notes = jobs.continue_saved(loaded, corpus, int(more), device=settings["device"],
                                          threads=settings["threads"])
     except (UserError, JobBusy) as e:
-        st.session_state["continue_said"] = ("error", str(e))
+        st.session_state["continue_said"] = ("error", str(e), None)
     else:
         st.session_state["train_watch"] = job.id
         st.session_state["continue_said"] = ("success", f"{name} continues as {job.label}"
                                              + (f"; {'; '.join(notes)}, so it will not end exactly where an "
-                                                "uninterrupted run would." if notes else "."))
+                                                "uninterrupted run would." if notes else "."), job.id)
     st.rerun()
 
 

@@ -378,6 +378,10 @@ def test_a_saved_checkpoint_continues_from_the_list(jobs, book):
     (continued,) = [j for j in jobs.jobs() if j is not job]
     continued.join(60)
     assert poll(at, lambda a: not jobs.running())
+    # the page drawn after the run's end (its end redraws it) still says it, then no more
+    assert [s.value for s in at.success if "continues" in s.value] == [said]
+    at.run()
+    assert not [s.value for s in at.success if "continues" in s.value]
     assert continued.snapshot().columns["epoch"] == [0, 1, 2, 3, 4, 5]
     assert continued.snapshot().columns["train_ppl"][1:3] == job.snapshot().columns["train_ppl"][1:]
 
