@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def at(ckpt_dir):
-    """The app on the Inspect page, with only the shipped checkpoint to pick from."""
-    shutil.copy(ROOT / "checkpoints" / "default.safetensors", ckpt_dir)
+def at(jobs):
+    """The app on the Inspect page, with only the shipped checkpoint to pick from (no runs of
+    earlier tests either: `jobs` empties the app's registry)."""
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
     app.run()
     app.switch_page("pages/inspect.py")
@@ -222,7 +222,7 @@ SECTIONS = {  # the subheader each section starts with, and its Plotly charts
     "Perplexity": ("Perplexity, explained by numbers", 0),
     "Step through": ("The scratch RNN, one step at a time", 2),
     "Hidden-state trajectory": ("Hidden-state trajectory", 1),
-    "Gradient flow": ("Gradient flow through time", 2),   # the shipped model twice, probed on the book
+    "Gradient flow": ("Gradient flow through time", 2),   # the shipped and an untrained model, probed on the book
 }
 
 
