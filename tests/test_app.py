@@ -296,7 +296,7 @@ def test_the_train_settings_travel_in_the_link(jobs):
     assert "--model rnn --hidden 64" in command and "--epochs 9" in command and "--sampling random" in command
 
 
-def test_gradient_probes_are_a_setting(jobs):
+def test_gradient_probes_are_a_setting(jobs, book):
     """How often a run probes the gradient flow: from the link (a value not offered is one
     warning), into the run's config, the command line and the link."""
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
