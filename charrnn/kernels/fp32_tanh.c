@@ -3,6 +3,10 @@
      forward:   A[t] += H[t-1] @ M;  A[t] = tanh(A[t])        (H[-1] = H0; A becomes H in place)
      backward:  dA[t] = (dH[t] + dA[t+1] @ M^T) * (1 - H[t]^2)  (no dA[steps] term);  dH0 = dA[0] @ M^T
 
+   and, on the same tiles and team, the two other kinds of matmul a minibatch has: C = P^T Q
+   (fp32_gemm_tn: the weight gradient over all steps) and C = P M + bias (fp32_matmul: the
+   output layer).
+
    M is the (h, h) matrix the layer multiplies by, read through element strides (M[k][j] =
    W[k*sk + j*sj]), so the scratch model's W_hh (row-major) and nn.RNN's W_hh.t() (a transposed
    view) are both read in place. Each call packs M (or M^T) once into column panels NR wide,
