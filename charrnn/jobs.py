@@ -234,13 +234,18 @@ _baselines: dict[tuple, dict[int, dict]] = {}
 MAX_NGRAM_TOKENS = 2_000_000
 
 
+def corpus_key(corpus: Corpus) -> tuple:
+    """What names a corpus's training and validation split: the text, its preprocessing, the sizes."""
+    return corpus.sha1, corpus.preprocessing, len(corpus.train), 0 if corpus.val is None else len(corpus.val)
+
+
 def baselines(corpus: Corpus) -> dict[int, dict] | None:
     """The n-gram baselines of a corpus's training and validation tokens, computed once per text
     and split (runs on the same text share them; a few entries, each a few numbers); None for a
     training slice above MAX_NGRAM_TOKENS."""
     if len(corpus.train) > MAX_NGRAM_TOKENS:
         return None
-    key = (corpus.sha1, corpus.preprocessing, len(corpus.train), 0 if corpus.val is None else len(corpus.val))
+    key = corpus_key(corpus)
     if key not in _baselines:
         _baselines[key] = corpus_ngram_perplexities(corpus)
     return _baselines[key]

@@ -18,6 +18,12 @@ QUANTITIES = {  # which norm a heatmap shows: (its name in the title, the variab
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
+def quantity_label(which: str) -> str:
+    """A choice's label on the pages' radios, e.g. "h_t, the hidden state after step t"."""
+    _, variable, name = QUANTITIES[which]
+    return f"{variable}, {name}"
+
+
 def log10(v: float) -> float | None:
     """The colour of a norm; None (a blank cell) for 0, NaN or infinity."""
     return math.log10(v) if v > 0 and math.isfinite(v) else None

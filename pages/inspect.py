@@ -490,13 +490,12 @@ def ngram_comparison(picked: Picked, reading) -> None:
     if corpus is None:
         st.caption(f"N-gram baselines need the text the model trained on: {why}")
         return
-    from charrnn.jobs import MAX_NGRAM_TOKENS
+    from charrnn.jobs import MAX_NGRAM_TOKENS, corpus_key
     if len(corpus.train) > MAX_NGRAM_TOKENS:
         st.caption(f"No n-gram baselines: the model trained on {len(corpus.train):,} tokens, more than the "
                    f"{MAX_NGRAM_TOKENS:,} the app counts n-grams over.")
         return
-    key = (corpus.sha1, corpus.preprocessing, len(corpus.train), 0 if corpus.val is None else len(corpus.val))
-    model, on_run = ngram_model(corpus, key)
+    model, on_run = ngram_model(corpus, corpus_key(corpus))
     here = model.perplexities(reading.ids)
     if picked.job is not None:
         snap = picked.job.snapshot()
@@ -898,7 +897,7 @@ def gradient_flow_section() -> None:
                "how strongly the loss at the last step ℓ_T reaches back to step t. Pick two models to "
                "compare them on one colour scale (say nn.RNN and LSTM, or clipping on and off).")
     which = st.radio("Gradient of ℓ_T with respect to", list(gv.QUANTITIES), horizontal=True, key="inspect_flow_of",
-                     format_func=lambda q: f"{gv.QUANTITIES[q][1]}, {gv.QUANTITIES[q][2]}")
+                     format_func=gv.quantity_label)
     columns = st.columns(2)
     shown = []
     for i, column in enumerate(columns):

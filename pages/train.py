@@ -341,7 +341,7 @@ def flow_view(overlay: list[Snapshot]) -> None:
                    "model has none: its states see the future).")
         return
     which = st.radio("Gradient of the last step's loss ℓ_T with respect to", list(gv.QUANTITIES), horizontal=True,
-                     key="train_flow_of", format_func=lambda q: f"{gv.QUANTITIES[q][1]}, {gv.QUANTITIES[q][2]}",
+                     key="train_flow_of", format_func=gv.quantity_label,
                      help="Bright at the right and dark at the left: the gradient vanishes going back in "
                           "time; bright at the left: it explodes. σ_max(W_hh) below 1 makes the scratch "
                           "RNN's gradient vanish; well above it, it can explode (clipping then bites).")
