@@ -53,6 +53,17 @@ def browser_cpu_seconds() -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def wait_quietly(locator, timeout: float, every: float = 3.0) -> None:
+    """Wait until `locator` is visible, looking every `every` seconds. Playwright's expect() looks
+    up to ten times a second, each a search of the whole page, and that costs the browser about a
+    tenth of a core: more than the page itself costs a user between its redraws."""
+    deadline = time.monotonic() + timeout
+    while not locator.first.is_visible():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{locator} not visible after {timeout:.0f} s")
+        time.sleep(every)
+
+
 def app_run(browser, url: str, epochs: int, name: str, run: int, closed: bool) -> tuple[float, float]:
     """(tokens/s of the app's run, Chromium's CPU use meanwhile in cores)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -72,8 +83,9 @@ def app_run(browser, url: str, epochs: int, name: str, run: int, closed: bool) -
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{url}/train")
         page.wait_for_selector("[data-testid=stApp]")
-    expect(page.get_by_text(f"epoch {epochs} / {epochs}")).to_be_visible(timeout=epochs * 10_000)
-    expect(page.get_by_text("· finished")).to_be_visible()
+    # this run's progress line at its end (a fresh page shows the last run's until its first redraw)
+    wait_quietly(page.get_by_test_id("stProgress").filter(has_text=f"run{run} · ")
+                 .filter(has_text=f"epoch {epochs} / {epochs}").filter(has_text="· finished"), timeout=epochs * 10.0)
     browser_cores = (browser_cpu_seconds() - cpu0) / (time.monotonic() - t0)
     expect(page.get_by_role("button", name="Save")).to_be_visible()      # the full rerun after the end
     expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
