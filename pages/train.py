@@ -1,7 +1,7 @@
 """Train: the seed's settings, Start/Stop, and the run drawn live while it trains.
 
 The run itself lives in charrnn.jobs (a background thread); this page only starts it, stops it,
-and redraws its snapshot about once a second while it runs.
+and redraws its snapshot every LIVE_EVERY_S seconds while it runs.
 """
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ through_router()
 
 MODEL_NAMES = {"scratch": "RNN from scratch", "rnn": "nn.RNN", "gru": "GRU", "lstm": "LSTM"}
 MAX_POINTS = 1000  # per curve; longer histories are thinned for drawing
+# The live view's redraw period. Each redraw costs the browser about a quarter of a core-second
+# (React applying the update, Plotly measuring axis labels, software painting without a GPU), and
+# a browser on the same machine takes that from the run's threads: every 2 s instead of every
+# second halved what Chromium took while a run trained (docs/performance.md).
+LIVE_EVERY_S = 2.0
 NO_TIMEMACHINE = (f"The Time Machine could not be loaded: upload a .txt file instead (Corpus: *Upload a .txt*), "
                   f"or set `{DATA_ENV}` to a folder holding `{TIMEMACHINE_FILE}` and restart the app.")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -79,15 +84,13 @@ LINK = {
     "kernel": ("train_kernel", one_of(KERNELS)),
     "probe_every": ("train_probe_every", probe_choice),
 }
-SETTING_OF = {"model": "model", "hidden": "hidden_size", "layers": "num_layers", "bidirectional": "bidirectional",
-              "batch_size": "batch_size", "num_steps": "num_steps", "lr": "lr", "optimizer": "optimizer",
-              "epochs": "epochs", "clip": "clip", "sampling": "sampling", "max_tokens": "max_tokens",
-              "seed": "seed", "precision": "precision", "kernel": "kernel", "probe_every": "probe_every"}
+# the link's names that differ from TrainConfig's (the CLI's flags); every other one is the same
+CONFIG_NAME = {"hidden": "hidden_size", "layers": "num_layers"}
 
 
 def settings_to_link(s: dict) -> None:
     """The page's link follows the settings, so it can be shared to reproduce them."""
-    write_link({name: s[SETTING_OF[name]] for name in LINK})
+    write_link({name: s[CONFIG_NAME.get(name, name)] for name in LINK})
 
 
 def settings_ui() -> dict:
@@ -519,7 +522,7 @@ current = running or next((j for j in reversed(all_jobs) if j.id == st.session_s
                           all_jobs[-1])
 
 
-@st.fragment(run_every=1.0 if running is not None else None)
+@st.fragment(run_every=LIVE_EVERY_S if running is not None else None)
 def live():
     snap = current.snapshot()
     overlay = [j.snapshot() if j is not current else snap for j in all_jobs if j.id in shown or j is current]
