@@ -5,7 +5,7 @@ which runs one MKL matmul per step. Prints figures; not a test.
 
 For each hidden size (batch 32, 35 steps, the seed's) and thread count: the time of a whole
 layer's forward + backward (autograd, every gradient) per minibatch, the sides alternated rep by
-rep, medians; and the C step loops alone (Kernel.forward + Kernel.backward). GFLOP/s counts the
+rep, medians; and the C step loops alone (Loops.forward + Loops.backward). GFLOP/s counts the
 recurrence only: 2*B*h*h per step forward and as many backward.
 
 "% peak" is of the FMA peak measured here (Kernel.fma_peak: independent multiply-add chains in

@@ -4,8 +4,8 @@ each choice does to training. Prints figures; not a test.
     python bench/minibatch_fp32.py [--variant avx512-fp32] [--sizes 512,256] [--reps 50] [--epochs 30]
 
 1. Each matmul alone (batch 32 x 35 steps = 1120 tokens, vocabulary 28), the sides alternated rep
-   by rep (10 calls each, back to back), medians: the recurrent weight gradient H^T dA (Kernel.gemm_tn) and the output layer's
-   forward, dH and dW (Kernel.matmul, gemm_tn) on the team's threads, against torch (MKL) on one
+   by rep (10 calls each, back to back), medians: the recurrent weight gradient H^T dA (Loops.gemm_tn) and the output layer's
+   forward, dH and dW (Loops.matmul, gemm_tn) on the team's threads, against torch (MKL) on one
    thread and on as many as the team.
 2. Training (The Time Machine, the seed's settings, the model's default size), epochs alternated
    in one process, medians: the output layer on the team against torch's linear, and torch's own

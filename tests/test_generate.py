@@ -217,11 +217,11 @@ def test_native_greedy_on_the_shipped_checkpoint(variant):
 
 
 def test_the_native_step_is_the_c_kernels_step_bit_for_bit(variant):
-    """A step of the loop gives the bits Kernel.forward gives for a batch of one, for both
+    """A step of the loop gives the bits Loops.forward gives for a batch of one, for both
     layouts of W (scratch's W_hh, nn.RNN's W_hh.t())."""
     g = torch.Generator().manual_seed(1)
     h, V, steps = 45, 7, 30
-    k = fp32.kernel(variant)
+    k = fp32.loops(variant)
     E = torch.randn(V, h, generator=g)
     O, bo = torch.randn(h, V, generator=g), torch.randn(V, generator=g)
     for W in (torch.randn(h, h, generator=g) / h ** 0.5, (torch.randn(h, h, generator=g) / h ** 0.5).t()):

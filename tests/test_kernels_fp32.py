@@ -150,7 +150,7 @@ def test_nan_propagates(variant):
 
 
 def test_backward_kernel_direct(variant):
-    """Kernel.backward alone: dA and dH0 against the Python loop of TanhRNNLayer.backward."""
+    """Loops.backward alone: dA and dH0 against the Python loop of TanhRNNLayer.backward."""
     k = _kernel_or_skip(variant)
     steps, batch, h = 6, 7, 45
     g = torch.Generator().manual_seed(1)
@@ -393,7 +393,7 @@ def test_unavailable_says_why(env, tmp_path):
 
 
 def test_generation_loop_checks_its_inputs(variant):
-    k = fp32.kernel(variant)
+    k = fp32.loops(variant)
     h, V = 20, 5
     E, W, O, bo = torch.randn(V, h), torch.randn(h, h), torch.randn(h, V), torch.randn(V)
     with pytest.raises(ValueError):
@@ -419,8 +419,8 @@ def test_generation_loop_checks_its_inputs(variant):
 
 def test_generation_loop_greedy_is_the_argmax_of_its_steps(variant):
     """Greedy from a first token: each next token is the argmax of (step's h) @ O + bo, the steps
-    those of Kernel.forward."""
-    k = fp32.kernel(variant)
+    those of Loops.forward."""
+    k = fp32.loops(variant)
     g = torch.Generator().manual_seed(3)
     h, V, n = 70, 9, 40
     E, O, bo = torch.randn(V, h, generator=g), torch.randn(h, V, generator=g), torch.randn(V, generator=g)

@@ -1,7 +1,7 @@
 """The fp32 tanh RNN recurrence in C (charrnn/kernels/fp32_tanh.c), one build per instruction set.
 
     variants()                       # ["avx512-fp32", "avx2-fp32", "generic-fp32"]: what this CPU runs, best first
-    kernel, why = load()             # the best variant's Kernel, or (None, reason): never raises
+    kernel, why = load()             # the best variant's Loops, or (None, reason): never raises
     kernel, why = load("avx2-fp32")  # a given one (e.g. a lower one, to test it on a bigger CPU)
     kernel.forward(A, H0, W, threads, out)     # out[t] = tanh(A[t] + out[t-1] @ W), out[-1] = H0 (out=None: A)
     kernel.backward(dH, H, W, threads)         # (dA, dH0): dA[t] = (dH[t] + dA[t+1] @ W^T) * (1 - H[t]^2)
@@ -94,7 +94,7 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-class Kernel:
+class Loops:
     """One variant's C functions, with the checks that keep raw pointers safe."""
 
     def __init__(self, name: str, lib: ctypes.CDLL):
@@ -123,7 +123,7 @@ class Kernel:
         self.owns_matmuls = name in VECTOR_BUILDS
 
     def __repr__(self) -> str:
-        return f"Kernel({self.name}, {self.tile_rows}x{self.panel_width} tiles)"
+        return f"Loops({self.name}, {self.tile_rows}x{self.panel_width} tiles)"
 
     def tanh_(self, x: torch.Tensor) -> torch.Tensor:
         """x = tanh(x) in place with the kernel's own tanh (to measure its accuracy)."""
@@ -248,9 +248,9 @@ class GenerationLoop:
     views), bo (V,). The tensors are kept, unchanged, for the loop's life.
 
     run(hs, logits0, first, length, temperature, top_k, u) -> (tokens, n): see fp32_gen_run.
-    A step gives the same bits as Kernel.forward for a batch of one."""
+    A step gives the same bits as Loops.forward for a batch of one."""
 
-    def __init__(self, kernel: Kernel, E: torch.Tensor, W: torch.Tensor, O: torch.Tensor, bo: torch.Tensor):
+    def __init__(self, kernel: Loops, E: torch.Tensor, W: torch.Tensor, O: torch.Tensor, bo: torch.Tensor):
         V, h = E.shape
         kernel._check("generation", {"E": (E, (V, h)), "bo": (bo, (V,))}, 1, 1, h)
         sk, sj = kernel._weight(W, h)
@@ -308,24 +308,24 @@ class GenerationLoop:
 
 
 @functools.cache
-def _load(name: str) -> tuple[Kernel | None, str]:
+def _load(name: str) -> tuple[Loops | None, str]:
     ok, why = _supported(name)
     if not ok:
         return None, why
     try:
-        kernel, _ = build.load("fp32_tanh", VARIANTS[name][0] + COMPILE, LIBS, wrap=lambda lib: Kernel(name, lib))
+        kernel, _ = build.load("fp32_tanh", VARIANTS[name][0] + COMPILE, LIBS, wrap=lambda lib: Loops(name, lib))
     except build.BuildError as e:
         return None, str(e)
     return kernel, ""
 
 
-def load(variant: str | None = None) -> tuple[Kernel | None, str]:
-    """(Kernel, "") for `variant` (default: the best this CPU runs), or (None, why not)."""
+def load(variant: str | None = None) -> tuple[Loops | None, str]:
+    """(Loops, "") for `variant` (default: the best this CPU runs), or (None, why not)."""
     return _load(variant) if variant is not None else _best()
 
 
 @functools.cache
-def _best() -> tuple[Kernel | None, str]:
+def _best() -> tuple[Loops | None, str]:
     reasons = []
     for name in variants():
         k, why = _load(name)
@@ -335,8 +335,8 @@ def _best() -> tuple[Kernel | None, str]:
     return None, "; ".join(reasons) or "no variant runs here"
 
 
-def kernel(variant: str | None = None) -> Kernel:
-    """The Kernel for `variant`, or RuntimeError saying why it is unavailable."""
+def loops(variant: str | None = None) -> Loops:
+    """The Loops for `variant`, or RuntimeError saying why it is unavailable."""
     k, why = load(variant)
     if k is None:
         raise RuntimeError(f"fp32 kernel {variant or '(best)'} unavailable: {why}")
@@ -355,7 +355,7 @@ class TanhRNNFp32(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, W_in, b, H0, W, variant=None, threads=None):
-        k = kernel(variant)
+        k = loops(variant)
         steps, batch = X.shape[:2]
         h = W.shape[0]
         if X.dtype == torch.long:                                # rows of W_in + b: (steps*batch, h), fresh
@@ -415,7 +415,7 @@ class LinearFp32(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, H, W, b, variant=None, threads=None):
-        k = kernel(variant)
+        k = loops(variant)
         ctx.save_for_backward(H, W)
         ctx.kernel, ctx.threads = k, threads
         return k.matmul(H, W, None if b is None else b.contiguous(), threads)
