@@ -1,13 +1,16 @@
 """How much slower does training run in the app, with the Train page open and redrawing, than in
 the CLI? Alternates the two, same settings, and prints both tokens/s and their ratio.
 
-    python bench/app_vs_cli.py --epochs 60 --rounds 2      # needs /usr/bin/chromium and Playwright
-    python bench/app_vs_cli.py --epochs 60 --rounds 2 --closed   # the page closed while it trains
-    python bench/app_vs_cli.py --epochs 60 --rounds 2 --cli-threads 1   # the CLI on the app's one thread fewer
+    python bench/app_vs_cli.py --epochs 150 --rounds 5      # needs /usr/bin/chromium and Playwright
+    python bench/app_vs_cli.py --epochs 150 --rounds 5 --closed   # the page closed while it trains
+    python bench/app_vs_cli.py --epochs 150 --rounds 5 --cli-threads 1   # the CLI on one thread
+
+An epoch of the seed's 10,000 tokens takes a tenth of a second or less on a fast CPU, so give a
+round enough epochs that the page's start and end do not dominate it.
 
 The app side: `streamlit run app.py`, a headless Chromium on the Train page, Start with the page's
-defaults (which leave one core to the server and the browser: "CPU threads"), wait until the run
-ends, Save; tokens/s is read from the saved checkpoint (training time only, as the CLI's).
+defaults (its "CPU threads" come from charrnn.kernels.app_threads), wait until the run ends, Save;
+tokens/s is read from the saved checkpoint (training time only, as the CLI's).
 """
 import argparse
 import json
