@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import math
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -386,11 +387,20 @@ def live_view(snap: Snapshot, overlay: list[Snapshot]) -> None:
         st.error(snap.error)
 
 
+def saved_at(entry: dict) -> float:
+    """When a list_checkpoints entry was saved (its metadata's `created`), in seconds; 0 if unknown."""
+    try:
+        return datetime.fromisoformat(entry["created"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
 def continue_saved(running, source, settings: dict) -> None:
     """Pick a saved checkpoint and train it further: a new run whose curve starts with the saved
     history, on this page's device and threads; every other setting is the saved run's."""
     entries = [e for e in list_checkpoints() if "error" not in e]
-    resumable = [e for e in entries if e["resumable"]]
+    # newest first: the one just saved is the one most likely to go on
+    resumable = sorted((e for e in entries if e["resumable"]), key=saved_at, reverse=True)
     said = st.session_state.get("continue_said")
     if said:
         (st.success if said[0] == "success" else st.error)(said[1])
@@ -404,11 +414,14 @@ def continue_saved(running, source, settings: dict) -> None:
                    + (f" ({', '.join(older)} {'was' if len(older) == 1 else 'were'} saved without optimizer "
                       "state, so it can be read but not continued exactly.)" if older else ""))
         return
+    newest = resumable[0]["name"]
+    if st.session_state.get("continue_saved_newest") != newest:   # a checkpoint saved since: pick it
+        st.session_state["continue_saved_newest"] = st.session_state["continue_saved_name"] = newest
     c1, c2, c3 = st.columns([4, 1, 1], vertical_alignment="bottom")
     describe = {e["name"]: (f"{e['name']} — {e['model']}-{e['hidden']}, {e['epochs']} epochs, perplexity "
                             f"{e['perplexity']:.2f}" if e.get("perplexity") else e["name"]) for e in resumable}
     name = c1.selectbox("Checkpoint", list(describe), format_func=describe.get, key="continue_saved_name",
-                        help="Checkpoints saved with their optimizer state (checkpoints/*.safetensors).")
+                        help="Checkpoints saved with their optimizer state (checkpoints/*.safetensors), newest first.")
     more = c2.number_input("More epochs", 1, MAX_EPOCHS, 100, key="continue_saved_epochs")
     if not c3.button("Continue", key="continue_saved", disabled=running is not None,
                      help="Goes on exactly where the saved run ended: its weights, optimizer state, "

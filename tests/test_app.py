@@ -358,18 +358,23 @@ def test_the_generate_settings_travel_in_the_link(jobs):
     assert not any("nowhere" in w.value for w in at.warning)
 
 
-def test_a_saved_checkpoint_continues_from_the_list(jobs, book):
+def test_a_saved_checkpoint_continues_from_the_list(jobs, ckpt_dir, book):
     """Continue a saved checkpoint: picked from a list, it trains on as a new run whose curve
     starts with the saved history; a checkpoint without optimizer state is not offered."""
+    from charrnn.checkpoint import load_checkpoint, save_checkpoint
     from charrnn.data import load_corpus
     from charrnn.train import TrainConfig
     corpus = load_corpus("timemachine", "seed", 2_000)
     job = jobs.start(TrainConfig(model="rnn", hidden_size=8, epochs=2, max_tokens=2_000), corpus)
     job.join(60)
     job.save("tiny")
+    shipped = load_checkpoint(ckpt_dir / "default.safetensors")         # the same model without its optimizer
+    save_checkpoint(ckpt_dir / "older", shipped.model, {k: v for k, v in shipped.meta.items() if k != "resume"})
     at = app("train")
-    assert at.selectbox(key="continue_saved_name").options == ["tiny — rnn-8, 2 epochs, perplexity "
-                                                               f"{job.trainer.last.train_ppl:.2f}"]  # not default
+    options = at.selectbox(key="continue_saved_name").options
+    assert options[0] == f"tiny — rnn-8, 2 epochs, perplexity {job.trainer.last.train_ppl:.2f}"  # newest first
+    assert options[1].startswith("default — scratch-512") and len(options) == 2        # not older
+    assert at.selectbox(key="continue_saved_name").value == "tiny"
     at.number_input(key="continue_saved_epochs").set_value(3)
     at.button(key="continue_saved").click().run()
     assert not at.exception and not at.error
@@ -384,6 +389,18 @@ def test_a_saved_checkpoint_continues_from_the_list(jobs, book):
     assert not [s.value for s in at.success if "continues" in s.value]
     assert continued.snapshot().columns["epoch"] == [0, 1, 2, 3, 4, 5]
     assert continued.snapshot().columns["train_ppl"][1:3] == job.snapshot().columns["train_ppl"][1:]
+
+
+def test_a_checkpoint_without_optimizer_state_is_named_not_offered(jobs, ckpt_dir):
+    """With only checkpoints saved without optimizer state, Continue offers none and says why."""
+    from charrnn.checkpoint import load_checkpoint, save_checkpoint
+    shipped = load_checkpoint(ckpt_dir / "default.safetensors")
+    save_checkpoint(ckpt_dir / "older", shipped.model, {k: v for k, v in shipped.meta.items() if k != "resume"})
+    (ckpt_dir / "default.safetensors").unlink()
+    at = app("train")
+    assert not at.exception
+    assert not [s for s in at.selectbox if s.key == "continue_saved_name"]
+    assert any("(older was saved without optimizer state" in c.value for c in at.caption)
 
 
 def test_a_checkpoint_of_an_uploaded_text_asks_for_the_text(jobs):
