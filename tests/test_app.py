@@ -5,6 +5,7 @@ test starts is stopped by the `jobs` fixture (tests/conftest.py).
 """
 import json
 import re
+import shutil
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -62,6 +63,23 @@ def test_home_explains_and_links():
     at = app()
     text = " ".join(m.value for m in at.markdown)
     assert "Hidden state" in text and "Perplexity" in text and "Next-character" in text
+
+
+def test_home_draws_the_shipped_models_learning_curve(ckpt_dir):
+    """Home draws the shipped checkpoint's perplexity by epoch from its metadata; without a shipped
+    checkpoint it draws nothing and still works."""
+    from charrnn.checkpoint import read_metadata
+    shutil.copy(ROOT / "checkpoints" / "default.safetensors", ckpt_dir)
+    history = read_metadata(ckpt_dir / "default.safetensors")["history"]
+    at = app()
+    (spec,) = [strict_json(c.proto.spec) for c in at.get("plotly_chart")]
+    assert [t["name"] for t in spec["data"]] == ["training text", "held-out text"]
+    assert spec["data"][0]["y"] == pytest.approx(history["train_ppl"])
+    assert spec["layout"]["shapes"][0]["y0"] == 28                     # a uniform guess over the vocabulary
+    (ckpt_dir / "default.safetensors").unlink()
+    at = app()
+    assert not at.exception and not at.get("plotly_chart")
+    assert "Perplexity" in " ".join(m.value for m in at.markdown)
 
 
 def test_train_live_chart_stop_and_save(jobs, book):
