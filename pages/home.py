@@ -13,9 +13,12 @@ def shipped_history(path: str, mtime_ns: int) -> tuple[dict, int] | None:
     """(per-epoch history, vocabulary size) of the checkpoint at `path`, None if it has none."""
     try:
         meta = read_metadata(path)
-        return meta["history"], meta["model"]["vocab_size"]
-    except (CheckpointError, KeyError, TypeError):
+        history, vocab = meta["history"], int(meta["model"]["vocab_size"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
         return None
+    if not (isinstance(history, dict) and history.get("epoch") and history.get("train_ppl")):
+        return None
+    return history, vocab
 
 
 def learning_curve() -> None:
@@ -26,7 +29,7 @@ def learning_curve() -> None:
         found = shipped_history(str(path), path.stat().st_mtime_ns)
     except OSError:                                     # no shipped model here: nothing to draw
         return
-    if not found or not found[0].get("train_ppl"):
+    if found is None:
         return
     history, vocab = found
     traces = [dict(type="scatter", x=history["epoch"], y=history[key], name=name, mode="lines", line=line)

@@ -68,7 +68,7 @@ def test_home_explains_and_links():
 def test_home_draws_the_shipped_models_learning_curve(ckpt_dir):
     """Home draws the shipped checkpoint's perplexity by epoch from its metadata; without a shipped
     checkpoint it draws nothing and still works."""
-    from charrnn.checkpoint import read_metadata
+    from charrnn.checkpoint import load_checkpoint, read_metadata, save_checkpoint
     shutil.copy(ROOT / "checkpoints" / "default.safetensors", ckpt_dir)
     history = read_metadata(ckpt_dir / "default.safetensors")["history"]
     at = app()
@@ -76,6 +76,11 @@ def test_home_draws_the_shipped_models_learning_curve(ckpt_dir):
     assert [t["name"] for t in spec["data"]] == ["training text", "held-out text"]
     assert spec["data"][0]["y"] == pytest.approx(history["train_ppl"])
     assert spec["layout"]["shapes"][0]["y0"] == 28                     # a uniform guess over the vocabulary
+    shipped = load_checkpoint(ckpt_dir / "default.safetensors")
+    for history in ([], {"epoch": [1, 2]}, None):          # odd metadata: no chart, the page still works
+        save_checkpoint(ckpt_dir / "default", shipped.model, shipped.meta | {"history": history}, overwrite=True)
+        at = app()
+        assert not at.exception and not at.get("plotly_chart")
     (ckpt_dir / "default.safetensors").unlink()
     at = app()
     assert not at.exception and not at.get("plotly_chart")
