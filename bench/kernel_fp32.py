@@ -8,7 +8,7 @@ layer's forward + backward (autograd, every gradient) per minibatch, the sides a
 rep, medians; and the C step loops alone (Loops.forward + Loops.backward). GFLOP/s counts the
 recurrence only: 2*B*h*h per step forward and as many backward.
 
-"% peak" is of the FMA peak measured here (Kernel.fma_peak: independent multiply-add chains in
+"% peak" is of the FMA peak measured here (Loops.fma_peak: independent multiply-add chains in
 the variant's vectors, one thread, the best of 5 runs before each size and of the ones before)
 times the threads. The nominal figure, from the
 clock in /proc/cpuinfo ("cpu MHz", which a VM may report without boost) x 32 flops/cycle for AVX2
