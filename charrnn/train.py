@@ -12,6 +12,7 @@ The loop never prints or plots; the CLI's progress bar and the app's charts subs
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import threading
@@ -115,6 +116,15 @@ class EpochStats:
     sample: str | None = None        # 50 characters after sample_prefix, every sample_every epochs
     sigma_max: float | None = None   # largest singular value of W_hh (charrnn/gradflow.py)
     grad_flow: GradFlow | None = None  # at the probe epochs: ||dl_T/dh_t||, ||dl_T/dx_t|| per step t
+
+
+@functools.cache
+def preload_optimizers() -> None:
+    """Have torch import what its first optimizer needs, ahead of the first run.
+
+    The first torch.optim optimizer made in a process imports torch._dynamo, a second or two of CPU.
+    The app calls this once the Train page is drawn, while it is read, so that Start need not wait."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
 
 
 def clip_gradients(parameters, theta: float) -> torch.Tensor:

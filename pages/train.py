@@ -21,7 +21,7 @@ from charrnn.errors import UserError
 from charrnn.device import available_devices, default_threads, threads_settable
 from charrnn.jobs import JobBusy, Snapshot, cli_command
 from charrnn.models import DEFAULT_HIDDEN, KINDS, MAX_HIDDEN, MAX_LAYERS
-from charrnn.train import KERNELS, MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig
+from charrnn.train import KERNELS, MAX_EPOCHS, MAX_THREADS, PRECISIONS, TrainConfig, preload_optimizers
 from pages.common import (corpus_for, number, one_of, read_link, registry, through_router, true_or_false, whole_number,
                           timemachine_problem, write_link)
 from pages import gradflow_view as gv
@@ -526,6 +526,7 @@ preload_plotly()  # fetched while the user reads the settings, not after Start
 if not all_jobs:
     st.info(blocked or "Press **Start** to train with the seed's settings; the perplexity curve appears here "
                        "and falls live.")
+    preload_optimizers()  # once a process, after the page is drawn (a run made before has done it)
     st.stop()
 
 st.caption("Runs on this server, side by side (click a column's name to sort). Select rows to draw "

@@ -6,6 +6,8 @@ test starts is stopped by the `jobs` fixture (tests/conftest.py).
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -85,6 +87,20 @@ def test_home_draws_the_shipped_models_learning_curve(ckpt_dir):
     at = app()
     assert not at.exception and not at.get("plotly_chart")
     assert "Perplexity" in " ".join(m.value for m in at.markdown)
+
+
+def test_train_page_loads_the_optimizers_code_before_start(ckpt_dir):
+    """A fresh process that shows the Train page has imported what torch's first optimizer needs
+    (torch._dynamo, a second or two), so the first Start does not wait for it. In a subprocess:
+    this process has made optimizers already."""
+    code = ("import sys; from streamlit.testing.v1 import AppTest; "
+            "at = AppTest.from_file('app.py', default_timeout=120); at.switch_page('pages/train.py'); at.run(); "
+            "assert not at.exception, at.exception; "
+            "print('before' if 'torch._dynamo' in sys.modules else 'not before'); "
+            "import charrnn.train as t; t.preload_optimizers.cache_clear(); t.preload_optimizers(); "
+            "print('after' if 'torch._dynamo' in sys.modules else 'not after')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["before", "after"], out.stdout + out.stderr[-2000:]
 
 
 def test_train_live_chart_stop_and_save(jobs, book):
