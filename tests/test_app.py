@@ -397,18 +397,24 @@ def test_the_generate_settings_travel_in_the_link(jobs):
     assert not any("nowhere" in w.value for w in at.warning)
 
 
+def save_without_optimizer(folder: Path, name: str) -> None:
+    """The shipped model saved again as `name` without its optimizer state, as checkpoints were
+    saved before they carried it."""
+    from charrnn.checkpoint import load_checkpoint, save_checkpoint
+    shipped = load_checkpoint(folder / "default.safetensors")
+    save_checkpoint(folder / name, shipped.model, {k: v for k, v in shipped.meta.items() if k != "resume"})
+
+
 def test_a_saved_checkpoint_continues_from_the_list(jobs, ckpt_dir, book):
     """Continue a saved checkpoint: picked from a list, it trains on as a new run whose curve
     starts with the saved history; a checkpoint without optimizer state is not offered."""
-    from charrnn.checkpoint import load_checkpoint, save_checkpoint
     from charrnn.data import load_corpus
     from charrnn.train import TrainConfig
     corpus = load_corpus("timemachine", "seed", 2_000)
     job = jobs.start(TrainConfig(model="rnn", hidden_size=8, epochs=2, max_tokens=2_000), corpus)
     job.join(60)
     job.save("tiny")
-    shipped = load_checkpoint(ckpt_dir / "default.safetensors")         # the same model without its optimizer
-    save_checkpoint(ckpt_dir / "older", shipped.model, {k: v for k, v in shipped.meta.items() if k != "resume"})
+    save_without_optimizer(ckpt_dir, "older")
     at = app("train")
     options = at.selectbox(key="continue_saved_name").options
     assert options[0] == f"tiny — rnn-8, 2 epochs, perplexity {job.trainer.last.train_ppl:.2f}"  # newest first
@@ -432,9 +438,7 @@ def test_a_saved_checkpoint_continues_from_the_list(jobs, ckpt_dir, book):
 
 def test_a_checkpoint_without_optimizer_state_is_named_not_offered(jobs, ckpt_dir):
     """With only checkpoints saved without optimizer state, Continue offers none and says why."""
-    from charrnn.checkpoint import load_checkpoint, save_checkpoint
-    shipped = load_checkpoint(ckpt_dir / "default.safetensors")
-    save_checkpoint(ckpt_dir / "older", shipped.model, {k: v for k, v in shipped.meta.items() if k != "resume"})
+    save_without_optimizer(ckpt_dir, "older")
     (ckpt_dir / "default.safetensors").unlink()
     at = app("train")
     assert not at.exception
