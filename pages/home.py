@@ -1,7 +1,7 @@
 """Home: what charrnn is and where to start."""
 import streamlit as st
 
-from charrnn.checkpoint import CheckpointError, path_for_name, read_metadata
+from charrnn.checkpoint import DEFAULT_NAME, CheckpointError, path_for_name, read_metadata
 from charrnn.device import available_devices
 from pages.common import through_router
 
@@ -24,7 +24,7 @@ def shipped_history(path: str, mtime_ns: int) -> tuple[dict, int] | None:
 def learning_curve() -> None:
     """The shipped model's perplexity by epoch: point 3 on a real run. It also has the browser load
     the charts' code here, so the first chart on the next page draws sooner."""
-    path = path_for_name("default")
+    path = path_for_name(DEFAULT_NAME)
     try:
         found = shipped_history(str(path), path.stat().st_mtime_ns)
     except OSError:                                     # no shipped model here: nothing to draw
